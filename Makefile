@@ -1,0 +1,57 @@
+# lastguard's interface: make demo | test | bench | proto | lint
+# Everything runs from a local virtualenv that `make venv` creates on first use.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: help venv demo test test-unit test-e2e bench proto proto-check lint typecheck clean
+
+help:
+	@echo "make demo   - start dev issuer, sidecar, app and Envoy; walk through requests"
+	@echo "make test   - lint, type-check and run every test (unit + end-to-end with real Envoy)"
+	@echo "make bench  - benchmark (see docs/performance.md)"
+	@echo "make proto  - regenerate Python code from proto/src"
+	@echo "make lint   - ruff + mypy"
+
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+test: lint proto-check
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q tests/unit
+
+test-e2e: $(STAMP)
+	$(PY) -m pytest -q tests/e2e
+
+bench: $(STAMP)
+	$(PY) scripts/bench.py
+
+proto: $(STAMP)
+	$(PY) scripts/genproto.py
+
+proto-check: $(STAMP)
+	$(PY) scripts/genproto.py --check
+
+# mypy reads the installed import names through a tree of links (lastguard/sidecar -> sidecar/).
+TYPECHECK := build/typecheck
+lint: $(STAMP)
+	$(VENV)/bin/ruff check sidecar tests scripts setup.py
+	@mkdir -p $(TYPECHECK)/lastguard
+	@ln -sfn ../../../sidecar $(TYPECHECK)/lastguard/sidecar
+	@ln -sfn ../../../proto $(TYPECHECK)/lastguard/proto
+	cd $(TYPECHECK) && MYPYPATH=. ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p lastguard.sidecar
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .demo .bench

@@ -1,0 +1,1 @@
+"""Generated gRPC/protobuf code for lastguard's contracts; regenerate with `make proto`."""

@@ -1,0 +1,154 @@
+"""The `lastguard` command: `sidecar`, `verify` and `dev-issuer` subcommands.
+
+Flags are parsed into frozen config objects here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from lastguard.sidecar import logs
+from lastguard.sidecar.policy.select import Workload
+
+
+def _labels(values: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"--label needs key=value, got {item!r}")
+        out[key] = value
+    return out
+
+
+def _workload(args: argparse.Namespace) -> Workload | None:
+    if args.namespace is None and not args.label:
+        return None
+    return Workload.of(args.namespace or "default", _labels(args.label))
+
+
+def _add_workload_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy-file", type=Path, required=True, help="YAML file of JWTPolicy documents")
+    p.add_argument("--namespace", help="this workload's namespace (selects among several policies)")
+    p.add_argument(
+        "--label", action="append", default=[], metavar="KEY=VALUE", help="a pod label (repeatable)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lastguard", description=__doc__)
+    parser.add_argument("--log-level", default="info")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    side = sub.add_parser("sidecar", help="run the Envoy ext_authz server")
+    _add_workload_flags(side)
+    side.add_argument("--listen", default="127.0.0.1:9191", help="gRPC address for Envoy")
+    side.add_argument("--metrics-listen", default=None, help="Prometheus address, e.g. 127.0.0.1:9090")
+    side.add_argument("--realm", default="lastguard", help="realm in WWW-Authenticate challenges")
+    side.add_argument(
+        "--allow-without-policy",
+        action="store_true",
+        help="allow requests when no policy selects this workload (default: deny with 403)",
+    )
+    side.add_argument(
+        "--log-claims", action="store_true", help="include verified claims in denial logs"
+    )
+    side.add_argument("--reload-interval", type=float, default=1.0)
+    side.add_argument("--token-cache-entries", type=int, default=100_000)
+
+    ver = sub.add_parser("verify", help="decide one request offline and explain why")
+    _add_workload_flags(ver)
+    ver.add_argument("--token", help="the JWT (or '-' to read it from stdin)")
+    ver.add_argument("--path", default="/")
+    ver.add_argument("--method", default="GET")
+    ver.add_argument(
+        "--header", action="append", default=[], metavar="NAME=VALUE", help="extra request header"
+    )
+
+    dev = sub.add_parser("dev-issuer", help="serve a JWKS and mint tokens (demos and tests only)")
+    dev.add_argument("--listen", default="127.0.0.1:9000")
+    dev.add_argument("--issuer", default=None, help="issuer URL (default: http://LISTEN)")
+    dev.add_argument("--mint", action="store_true", help="print one token and exit")
+    dev.add_argument("--claims", default="{}", help="JSON claims for --mint")
+    dev.add_argument("--alg", default="RS256")
+    dev.add_argument("--lifetime", type=int, default=300)
+    return parser
+
+
+async def _run_sidecar(args: argparse.Namespace) -> int:
+    from lastguard.sidecar.server import Sidecar, SidecarConfig
+
+    config = SidecarConfig(
+        policy_file=args.policy_file,
+        listen=args.listen,
+        metrics_listen=args.metrics_listen,
+        workload=_workload(args),
+        default_namespace=args.namespace or "default",
+        realm=args.realm,
+        allow_without_policy=args.allow_without_policy,
+        log_claims=args.log_claims,
+        reload_interval=args.reload_interval,
+        token_cache_entries=args.token_cache_entries,
+    )
+    sidecar = Sidecar(config)
+    await sidecar.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await sidecar.stop()
+    return 0
+
+
+async def _run_verify(args: argparse.Namespace) -> int:
+    from lastguard.sidecar import verify
+
+    token = sys.stdin.readline().strip() if args.token == "-" else args.token
+    headers = dict(h.split("=", 1) for h in args.header if "=" in h)
+    result = await verify.explain(
+        args.policy_file, _workload(args), args.namespace or "default",
+        token=token, method=args.method.upper(), path=args.path, headers=headers,
+    )
+    print(json.dumps(result, indent=2, default=str))
+    return 0 if result["allowed"] else 1
+
+
+async def _run_dev_issuer(args: argparse.Namespace) -> int:
+    from lastguard.sidecar import devissuer
+
+    host, _, port = args.listen.rpartition(":")
+    if args.mint:
+        issuer = devissuer.DevIssuer(args.issuer or f"http://{args.listen}")
+        print(issuer.mint(json.loads(args.claims), alg=args.alg, lifetime=args.lifetime))
+        return 0
+    issuer = devissuer.DevIssuer(args.issuer)  # None: the bound URL
+    handle = await devissuer.serve(issuer, host or "127.0.0.1", int(port))
+    print(json.dumps({"issuer": issuer.issuer_url, "jwks_uri": f"{handle.url}/jwks.json"}), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await handle.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.configure(args.log_level)
+    runner = {"sidecar": _run_sidecar, "verify": _run_verify, "dev-issuer": _run_dev_issuer}
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(runner[args.command](args))
+    return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

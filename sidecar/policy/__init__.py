@@ -1,0 +1,1 @@
+"""The JWTPolicy model, its parser and workload selection. Pure: no I/O."""

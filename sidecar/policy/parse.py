@@ -1,0 +1,497 @@
+"""Turns JWTPolicy documents (YAML or already-decoded dicts) into the model.
+
+Pure and strict: unknown fields, wrong types and impossible combinations are
+errors, each reported with its field path (``spec.issuers[0].jwksUri: must be
+an http(s) URL``). All problems of a document are collected, not just the first.
+The CRD schema and its CEL rules express the same constraints for the API server;
+this module is the reference both the sidecar and the operator run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+
+from lastguard.sidecar.errors import PolicyError
+from lastguard.sidecar.policy import model
+
+T = TypeVar("T")
+
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_METHOD = re.compile(r"^[A-Z]+$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_PATH = re.compile(r"^/[^?#*\s]*\*?$")
+
+#: Headers a policy may never set or read claims into: hop-by-hop, pseudo and framing headers.
+RESERVED_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "content-type",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "upgrade",
+        "te",
+        "trailer",
+        "proxy-authorization",
+        "cookie",
+        "authorization",
+    }
+)
+
+MAX_CLOCK_SKEW_SECONDS = 600
+MIN_JWKS_CACHE_SECONDS = 30
+MAX_JWKS_CACHE_SECONDS = 86_400
+
+
+class _Problems:
+    """Collects problems with field paths while the reader walks a document."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.items.append(f"{path}: {message}")
+
+
+def _type_name(value: object) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer"}.get(
+        type(value), type(value).__name__
+    )
+
+
+class _Object:
+    """A typed view of one mapping in the document that records problems instead of raising."""
+
+    def __init__(self, data: Mapping[str, Any], path: str, problems: _Problems) -> None:
+        self.data = data
+        self.path = path
+        self.problems = problems
+        self.seen: set[str] = set()
+
+    def _sub(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def get(self, key: str, kind: type, default: Any = None, required: bool = False) -> Any:
+        self.seen.add(key)
+        if key not in self.data or self.data[key] is None:
+            if required:
+                self.problems.add(self._sub(key), "is required")
+            return default
+        value = self.data[key]
+        # bool is a subclass of int: an int field must not accept true/false.
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            self.problems.add(self._sub(key), f"must be {_type_name(kind())}, not {_type_name(value)}")
+            return default
+        return value
+
+    def string(self, key: str, required: bool = False) -> str | None:
+        value = self.get(key, str, required=required)
+        if value is not None and not value:
+            self.problems.add(self._sub(key), "must not be empty")
+            return None
+        return value  # type: ignore[no-any-return]
+
+    def integer(self, key: str, default: int | None, low: int, high: int) -> int | None:
+        value = self.get(key, int, default)
+        if value is not None and not low <= value <= high:
+            self.problems.add(self._sub(key), f"must be between {low} and {high}")
+            return default
+        return value  # type: ignore[no-any-return]
+
+    def obj(self, key: str, required: bool = False) -> _Object | None:
+        value = self.get(key, dict, required=required)
+        return None if value is None else _Object(value, self._sub(key), self.problems)
+
+    def items(
+        self, key: str, item: Callable[[Any, str], T | None], required: bool = False
+    ) -> list[T]:
+        value = self.get(key, list, required=required)
+        if value is None:
+            return []
+        out: list[T] = []
+        for i, raw in enumerate(value):
+            parsed = item(raw, f"{self._sub(key)}[{i}]")
+            if parsed is not None:
+                out.append(parsed)
+        return out
+
+    def strings(self, key: str) -> list[str]:
+        return self.items(key, lambda raw, path: _string_item(raw, path, self.problems))
+
+    def finish(self) -> None:
+        """Reports every field the reader did not ask for."""
+        for key in self.data:
+            if key not in self.seen:
+                self.problems.add(self._sub(str(key)), "unknown field")
+
+
+def _string_item(raw: Any, path: str, problems: _Problems) -> str | None:
+    if not isinstance(raw, str) or not raw:
+        problems.add(path, "must be a non-empty string")
+        return None
+    return raw
+
+
+def _as_object(raw: Any, path: str, problems: _Problems) -> _Object | None:
+    if not isinstance(raw, dict):
+        problems.add(path, f"must be object, not {_type_name(raw)}")
+        return None
+    return _Object(raw, path, problems)
+
+
+def _is_http_url(value: str) -> bool:
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def _header_name(value: str | None, path: str, problems: _Problems) -> str | None:
+    if value is None:
+        return None
+    if not _HEADER_NAME.match(value):
+        problems.add(path, "must be a valid HTTP header name")
+        return None
+    lowered = value.lower()
+    if lowered in RESERVED_HEADERS or lowered.startswith((":", "x-envoy-")):
+        problems.add(path, f"{value!r} is reserved and cannot be set by a policy")
+        return None
+    return lowered
+
+
+# --- issuers ----------------------------------------------------------------
+
+
+def _header_location(raw: Any, path: str, problems: _Problems) -> model.HeaderLocation | None:
+    obj = _as_object(raw, path, problems)
+    if obj is None:
+        return None
+    name = obj.string("name", required=True)
+    prefix = obj.get("prefix", str, "")
+    obj.finish()
+    if name is None:
+        return None
+    if not _HEADER_NAME.match(name):
+        problems.add(f"{path}.name", "must be a valid HTTP header name")
+        return None
+    return model.HeaderLocation(name=name.lower(), prefix=prefix)
+
+
+def _claim_to_header(raw: Any, path: str, problems: _Problems) -> model.ClaimToHeader | None:
+    obj = _as_object(raw, path, problems)
+    if obj is None:
+        return None
+    header = _header_name(obj.string("header", required=True), f"{path}.header", problems)
+    claim = obj.string("claim", required=True)
+    obj.finish()
+    if header is None or claim is None:
+        return None
+    return model.ClaimToHeader(header=header, claim=claim)
+
+
+def _inline_jwks(value: str, path: str, problems: _Problems) -> None:
+    try:
+        doc = json.loads(value)
+    except ValueError as exc:
+        problems.add(path, f"must be a JWKS JSON document ({exc.msg})")
+        return
+    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list) or not doc["keys"]:
+        problems.add(path, 'must be a JWKS JSON object with a non-empty "keys" array')
+
+
+def _public_keys(obj: _Object) -> tuple[tuple[str, str], ...]:
+    raw = obj.get("publicKeys", dict, {})
+    out = []
+    for kid, pem in sorted(raw.items()):
+        path = f"{obj.path}.publicKeys.{kid}"
+        if not isinstance(pem, str) or "-----BEGIN" not in pem:
+            obj.problems.add(path, "must be a PEM public key or X.509 certificate")
+            continue
+        out.append((str(kid), pem))
+    return tuple(out)
+
+
+def _issuer(raw: Any, path: str, problems: _Problems) -> model.Issuer | None:
+    obj = _as_object(raw, path, problems)
+    if obj is None:
+        return None
+    issuer = obj.string("issuer", required=True)
+    jwks_uri = obj.string("jwksUri")
+    jwks = obj.string("jwks")
+    public_keys = _public_keys(obj)
+
+    sources = [n for n, v in (("jwksUri", jwks_uri), ("jwks", jwks), ("publicKeys", public_keys)) if v]
+    if len(sources) > 1:
+        problems.add(path, f"set only one of jwksUri, jwks, publicKeys (found {', '.join(sources)})")
+    if jwks_uri is not None and not _is_http_url(jwks_uri):
+        problems.add(f"{path}.jwksUri", "must be an http(s) URL")
+    if jwks is not None:
+        _inline_jwks(jwks, f"{path}.jwks", problems)
+    if not sources and issuer is not None and not _is_http_url(issuer):
+        problems.add(
+            f"{path}.issuer",
+            "must be an http(s) URL when no jwksUri, jwks or publicKeys is set (OIDC discovery)",
+        )
+
+    audiences = obj.strings("audiences")
+    algorithms = obj.strings("algorithms")
+    for i, alg in enumerate(algorithms):
+        if alg not in model.SUPPORTED_ALGORITHMS:
+            hint = " (symmetric algorithms are not supported)" if alg.startswith("HS") else ""
+            problems.add(
+                f"{path}.algorithms[{i}]",
+                f"unsupported algorithm {alg!r}{hint}; use one of "
+                + ", ".join(model.SUPPORTED_ALGORITHMS),
+            )
+
+    from_headers = obj.items("fromHeaders", lambda r, p: _header_location(r, p, problems))
+    from_params = obj.strings("fromParams")
+    from_cookies = obj.strings("fromCookies")
+    if not (from_headers or from_params or from_cookies):
+        from_headers = [model.HeaderLocation("authorization", "Bearer ")]
+
+    payload_header = _header_name(
+        obj.string("outputPayloadToHeader"), f"{path}.outputPayloadToHeader", problems
+    )
+    claim_headers = obj.items("outputClaimToHeaders", lambda r, p: _claim_to_header(r, p, problems))
+    token_headers = {loc.name for loc in from_headers}
+    for i, out in enumerate(claim_headers):
+        if out.header in token_headers:
+            problems.add(
+                f"{path}.outputClaimToHeaders[{i}].header", "must not be a header tokens are read from"
+            )
+    outputs = [c.header for c in claim_headers] + ([payload_header] if payload_header else [])
+    if len(set(outputs)) != len(outputs):
+        problems.add(f"{path}.outputClaimToHeaders", "each output header may be set only once")
+
+    skew = obj.integer("clockSkewSeconds", model.DEFAULT_CLOCK_SKEW_SECONDS, 0, MAX_CLOCK_SKEW_SECONDS)
+    lifetime = obj.integer("maxLifetimeSeconds", None, 1, 10 * 365 * 86_400)
+    cache = obj.integer(
+        "jwksCacheDurationSeconds",
+        model.DEFAULT_JWKS_CACHE_SECONDS,
+        MIN_JWKS_CACHE_SECONDS,
+        MAX_JWKS_CACHE_SECONDS,
+    )
+    timeout = obj.integer("jwksTimeoutSeconds", model.DEFAULT_JWKS_TIMEOUT_SECONDS, 1, 60)
+    forward = obj.get("forwardOriginalToken", bool, False)
+    obj.finish()
+    if issuer is None:
+        return None
+    return model.Issuer(
+        issuer=issuer,
+        jwks_uri=jwks_uri,
+        jwks=jwks,
+        public_keys=public_keys,
+        audiences=tuple(audiences),
+        algorithms=tuple(algorithms) or model.SUPPORTED_ALGORITHMS,
+        from_headers=tuple(from_headers),
+        from_params=tuple(from_params),
+        from_cookies=tuple(from_cookies),
+        forward_original_token=forward,
+        output_payload_to_header=payload_header,
+        output_claim_to_headers=tuple(claim_headers),
+        clock_skew_seconds=skew if skew is not None else model.DEFAULT_CLOCK_SKEW_SECONDS,
+        max_lifetime_seconds=lifetime,
+        jwks_cache_duration_seconds=cache or model.DEFAULT_JWKS_CACHE_SECONDS,
+        jwks_timeout_seconds=timeout or model.DEFAULT_JWKS_TIMEOUT_SECONDS,
+    )
+
+
+# --- rules ------------------------------------------------------------------
+
+
+def _action(value: str | None, path: str, problems: _Problems) -> model.Action | None:
+    if value is None:
+        return None
+    try:
+        return model.Action(value)
+    except ValueError:
+        problems.add(path, "must be one of " + ", ".join(a.value for a in model.Action))
+        return None
+
+
+def _path_pattern(raw: Any, path: str, problems: _Problems) -> str | None:
+    value = _string_item(raw, path, problems)
+    if value is not None and not _PATH.match(value):
+        problems.add(
+            path, "must start with '/', contain no '?', '#' or spaces, and use '*' only at the end"
+        )
+        return None
+    return value
+
+
+def _method(raw: Any, path: str, problems: _Problems) -> str | None:
+    value = _string_item(raw, path, problems)
+    if value is not None and not _METHOD.match(value.upper()):
+        problems.add(path, "must be an HTTP method name")
+        return None
+    return None if value is None else value.upper()
+
+
+def _required_claim(raw: Any, path: str, problems: _Problems) -> model.RequiredClaim | None:
+    obj = _as_object(raw, path, problems)
+    if obj is None:
+        return None
+    claim = obj.string("claim", required=True)
+    values = obj.strings("values")
+    if not values:
+        problems.add(f"{path}.values", "must list at least one value")
+    obj.finish()
+    if claim is None or not values:
+        return None
+    return model.RequiredClaim(claim=claim, values=tuple(values))
+
+
+def _rule(raw: Any, path: str, problems: _Problems) -> model.Rule | None:
+    obj = _as_object(raw, path, problems)
+    if obj is None:
+        return None
+    paths = obj.items("paths", lambda r, p: _path_pattern(r, p, problems))
+    methods = obj.items("methods", lambda r, p: _method(r, p, problems))
+    action = _action(obj.string("action"), f"{path}.action", problems) or model.Action.AUTHENTICATE
+    scopes = obj.strings("requiredScopes")
+    claims = obj.items("requiredClaims", lambda r, p: _required_claim(r, p, problems))
+    obj.finish()
+    if (scopes or claims) and not action.reads_tokens:
+        problems.add(path, f"requiredScopes and requiredClaims need action Authenticate or Optional, not {action.value}")
+    return model.Rule(
+        paths=tuple(paths),
+        methods=tuple(dict.fromkeys(methods)),
+        action=action,
+        required_scopes=tuple(scopes),
+        required_claims=tuple(claims),
+    )
+
+
+# --- documents --------------------------------------------------------------
+
+
+def _metadata(obj: _Object, default_namespace: str) -> tuple[str | None, str, dict[str, Any]]:
+    meta = obj.get("metadata", dict, required=True) or {}
+    name = meta.get("name")
+    if not isinstance(name, str) or not _DNS_SUBDOMAIN.match(name) or len(name) > 253:
+        obj.problems.add("metadata.name", "must be a lower-case DNS subdomain name")
+        name = None
+    namespace = meta.get("namespace", default_namespace)
+    if not isinstance(namespace, str) or not _DNS_SUBDOMAIN.match(namespace):
+        obj.problems.add("metadata.namespace", "must be a lower-case DNS label")
+        namespace = default_namespace
+    return name, namespace, meta
+
+
+def parse_policy(doc: Any, default_namespace: str = "default") -> model.JWTPolicy:
+    """Validates one JWTPolicy object (as decoded from YAML/JSON) and builds the model.
+
+    Raises PolicyError listing every problem with its field path.
+    """
+    problems = _Problems()
+    root = _as_object(doc, "", problems)
+    if root is None:
+        raise PolicyError(["document must be a JWTPolicy object"])
+    api_version = root.get("apiVersion", str, required=True)
+    kind = root.get("kind", str, required=True)
+    if api_version is not None and api_version != model.API_VERSION:
+        problems.add("apiVersion", f"must be {model.API_VERSION}")
+    if kind is not None and kind != model.KIND:
+        problems.add("kind", f"must be {model.KIND}")
+    name, namespace, meta = _metadata(root, default_namespace)
+    root.get("status", dict)  # written by the operator; ignored here
+    spec = root.obj("spec", required=True)
+    root.finish()
+    if spec is None:
+        raise PolicyError(problems.items)
+
+    selector = spec.obj("selector")
+    match_labels: tuple[tuple[str, str], ...] | None = None
+    if selector is not None:
+        labels = selector.get("matchLabels", dict, {})
+        bad = [k for k, v in labels.items() if not isinstance(k, str) or not isinstance(v, str)]
+        if bad:
+            problems.add("spec.selector.matchLabels", "keys and values must be strings")
+        match_labels = tuple(sorted((str(k), str(v)) for k, v in labels.items())) or None
+        selector.finish()
+
+    issuers = spec.items("issuers", lambda r, p: _issuer(r, p, problems))
+    seen: dict[str, int] = {}
+    for i, iss in enumerate(issuers):
+        if iss.issuer in seen:
+            problems.add(f"spec.issuers[{i}].issuer", f"duplicates spec.issuers[{seen[iss.issuer]}]")
+        seen.setdefault(iss.issuer, i)
+    rules = spec.items("rules", lambda r, p: _rule(r, p, problems))
+    default_action = (
+        _action(spec.string("defaultAction"), "spec.defaultAction", problems)
+        or model.Action.AUTHENTICATE
+    )
+    spec.finish()
+    if not issuers and (default_action.reads_tokens or any(r.action.reads_tokens for r in rules)):
+        problems.add("spec.issuers", "at least one issuer is required when any action is Authenticate or Optional")
+
+    if problems.items:
+        raise PolicyError(problems.items)
+    assert name is not None
+    generation = meta.get("generation")
+    return model.JWTPolicy(
+        namespace=namespace,
+        name=name,
+        match_labels=match_labels,
+        issuers=tuple(issuers),
+        rules=tuple(rules),
+        default_action=default_action,
+        creation_timestamp=_str_or_none(meta.get("creationTimestamp")),
+        generation=generation if isinstance(generation, int) else None,
+        uid=_str_or_none(meta.get("uid")),
+    )
+
+
+def _str_or_none(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def parse_documents(text: str, default_namespace: str = "default") -> list[model.JWTPolicy]:
+    """Parses a YAML stream of JWTPolicy documents (empty documents are skipped).
+
+    All-or-nothing: any invalid document fails the whole stream, so a bad file
+    never partially replaces good policies. Errors are prefixed with the
+    document's index and name.
+    """
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        raise PolicyError([f"invalid YAML: {exc}"]) from exc
+    return parse_all(docs, default_namespace)
+
+
+def parse_all(docs: Iterable[Any], default_namespace: str = "default") -> list[model.JWTPolicy]:
+    """Parses many policy objects; all-or-nothing, with per-document error prefixes."""
+    policies: list[model.JWTPolicy] = []
+    problems: list[str] = []
+    keys: set[str] = set()
+    for i, doc in enumerate(docs):
+        label = _doc_label(i, doc)
+        try:
+            policy = parse_policy(doc, default_namespace)
+        except PolicyError as exc:
+            problems.extend(f"{label}: {p}" for p in exc.problems)
+            continue
+        if policy.key in keys:
+            problems.append(f"{label}: duplicate policy {policy.key}")
+        keys.add(policy.key)
+        policies.append(policy)
+    if problems:
+        raise PolicyError(problems)
+    return policies
+
+
+def _doc_label(index: int, doc: Any) -> str:
+    name = doc.get("metadata", {}).get("name") if isinstance(doc, dict) else None
+    if isinstance(name, str):
+        return f"document {index} ({name})"
+    return f"document {index}"

@@ -1,0 +1,104 @@
+"""The verified-token cache (light-4j's `enableJwtCache`). No I/O.
+
+Keyed by the SHA-256 digest of the token, so tokens themselves are not kept as
+keys. An entry:
+- never outlives the token's `exp` (a per-entry time-to-use),
+- is bound to the compiled issuer object it was verified for, so a policy
+  reload (new objects) or a token from another policy misses,
+- records the issuer's key-set generation, so when the issuer's keys change
+  every token verified before is verified again: a removed key stops working
+  at the next key refresh.
+Bounded by entries and by approximate bytes; least recently used goes first.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from hashlib import sha256
+from typing import TYPE_CHECKING, Any
+
+from cachetools import TLRUCache
+
+if TYPE_CHECKING:
+    from lastguard.sidecar.compile import CompiledIssuer
+
+#: Fixed overhead per entry (digest, entry object, cache bookkeeping), in bytes.
+_ENTRY_OVERHEAD = 400
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedToken:
+    issuer: CompiledIssuer
+    claims: dict[str, Any]
+    payload_segment: str
+    generation: int
+    expires_at: float
+    size: int
+
+
+def _time_to_use(_key: bytes, value: VerifiedToken, _now: float) -> float:
+    return value.expires_at
+
+
+class TokenCache:
+    def __init__(
+        self,
+        max_entries: int = 100_000,
+        max_bytes: int = 64 * 1024 * 1024,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.max_entries = max_entries
+        self._cache: TLRUCache[bytes, VerifiedToken] = TLRUCache(
+            maxsize=max_bytes, ttu=_time_to_use, timer=clock, getsizeof=lambda v: v.size
+        )
+
+    @staticmethod
+    def digest(token: str) -> bytes:
+        return sha256(token.encode()).digest()
+
+    def get(self, digest: bytes) -> VerifiedToken | None:
+        """The live entry for a token digest, unless its issuer's keys changed since.
+
+        The caller must still check that `entry.issuer` belongs to the policy at hand.
+        """
+        entry = self._cache.get(digest)
+        if entry is None or entry.generation != entry.issuer.keys.generation:
+            return None
+        return entry
+
+    def put(
+        self,
+        digest: bytes,
+        issuer: CompiledIssuer,
+        claims: dict[str, Any],
+        payload_segment: str,
+        generation: int,
+        expires_at: float,
+    ) -> VerifiedToken:
+        entry = VerifiedToken(
+            issuer=issuer,
+            claims=claims,
+            payload_segment=payload_segment,
+            generation=generation,
+            expires_at=expires_at,
+            # The decoded claims take a few times the encoded payload's size.
+            size=_ENTRY_OVERHEAD + 4 * len(payload_segment),
+        )
+        if entry.size > self._cache.maxsize:
+            return entry
+        while len(self._cache) >= self.max_entries:
+            self._cache.popitem()
+        self._cache[digest] = entry
+        return entry
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    @property
+    def bytes_used(self) -> int:
+        return int(self._cache.currsize)

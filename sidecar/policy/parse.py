@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from lastguard.sidecar import keys
 from lastguard.sidecar.errors import PolicyError
 from lastguard.sidecar.policy import model
 
@@ -200,11 +201,15 @@ def _claim_to_header(raw: Any, path: str, problems: _Problems) -> model.ClaimToH
 def _inline_jwks(value: str, path: str, problems: _Problems) -> None:
     try:
         doc = json.loads(value)
-    except ValueError as exc:
-        problems.add(path, f"must be a JWKS JSON document ({exc.msg})")
+    except (ValueError, RecursionError):
+        problems.add(path, "must be a JWKS JSON document")
         return
     if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list) or not doc["keys"]:
         problems.add(path, 'must be a JWKS JSON object with a non-empty "keys" array')
+        return
+    keyset, skipped = keys.parse_jwks(doc)
+    if not keyset.keys:
+        problems.add(path, "has no usable key: " + "; ".join(skipped))
 
 
 def _public_keys(obj: _Object) -> tuple[tuple[str, str], ...]:
@@ -214,6 +219,10 @@ def _public_keys(obj: _Object) -> tuple[tuple[str, str], ...]:
         path = f"{obj.path}.publicKeys.{kid}"
         if not isinstance(pem, str) or "-----BEGIN" not in pem:
             obj.problems.add(path, "must be a PEM public key or X.509 certificate")
+            continue
+        keyset, skipped = keys.parse_pem_keys([(str(kid), pem)])
+        if not keyset.keys:
+            obj.problems.add(path, "; ".join(skipped) or "is not a usable public key")
             continue
         out.append((str(kid), pem))
     return tuple(out)

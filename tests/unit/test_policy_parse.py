@@ -8,11 +8,12 @@ from typing import Any
 
 import pytest
 
+from lastguard.sidecar.devissuer import DevIssuer
 from lastguard.sidecar.errors import PolicyError
 from lastguard.sidecar.policy import model
 from lastguard.sidecar.policy.parse import parse_documents, parse_policy
 
-JWKS = json.dumps({"keys": [{"kty": "EC", "crv": "P-256", "x": "a", "y": "b"}]})
+JWKS = json.dumps(DevIssuer("https://idp.example").jwks())
 
 
 def policy(**spec: Any) -> dict[str, Any]:
@@ -117,6 +118,24 @@ def test_full_policy() -> None:
             with_issuer(jwksUri=None, jwks='{"keys": []}'),
             'spec.issuers[0].jwks: must be a JWKS JSON object with a non-empty "keys" array',
             id="inline-jwks-empty",
+        ),
+        pytest.param(
+            with_issuer(jwksUri=None, jwks=json.dumps({"keys": [{"kty": "oct", "k": "c2VjcmV0"}]})),
+            "spec.issuers[0].jwks: has no usable key: keys[0]",
+            id="inline-jwks-only-symmetric",
+        ),
+        pytest.param(
+            with_issuer(jwksUri=None, jwks="[" * 5000 + "]" * 5000),
+            "spec.issuers[0].jwks: must be a JWKS JSON document",
+            id="inline-jwks-deeply-nested",
+        ),
+        pytest.param(
+            with_issuer(
+                jwksUri=None,
+                publicKeys={"k1": "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n"},
+            ),
+            "spec.issuers[0].publicKeys.k1: ",
+            id="public-key-garbage-pem",
         ),
         pytest.param(
             with_issuer(jwksUri=None, publicKeys={"k1": "not pem"}),
@@ -264,6 +283,14 @@ def test_all_problems_are_reported_at_once() -> None:
     with pytest.raises(PolicyError) as info:
         parse_policy(doc)
     assert len(info.value.problems) == 3
+
+
+def test_inline_keys_accepted() -> None:
+    dev = DevIssuer("https://idp.example")
+    p = parse_policy(with_issuer(jwksUri=None, publicKeys={"rsa-1": dev.public_pem("rsa-1")}))
+    assert p.issuers[0].key_source is model.KeySourceKind.PUBLIC_KEYS
+    p = parse_policy(with_issuer(jwksUri=None, jwks=JWKS))
+    assert p.issuers[0].key_source is model.KeySourceKind.INLINE_JWKS
 
 
 def test_policy_without_issuers_is_fine_when_no_action_reads_tokens() -> None:

@@ -89,7 +89,10 @@ class Authenticator:
         entry = self.cache.get(digest)
         if entry is not None:
             issuer = entry.issuer
-            if policy.issuers.get(issuer.config.issuer) is issuer and found.location in issuer.locations:
+            if (
+                policy.issuers.get(issuer.config.issuer) is issuer
+                and found.location in issuer.locations
+            ):
                 _CACHE_HIT.inc()
                 return entry
         _CACHE_MISS.inc()

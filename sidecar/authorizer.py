@@ -80,7 +80,9 @@ class Authorizer:
         found = extract.find_token(policy.locations, headers, path)
         if found is None:
             if rule.action is Action.OPTIONAL:
-                return Decision.allow("optional_no_token", headers_to_remove=policy.output_headers), None
+                return Decision.allow(
+                    "optional_no_token", headers_to_remove=policy.output_headers
+                ), None
             raise errors.MissingToken()
         verified = await self.authenticator.authenticate(found, policy)
         try:

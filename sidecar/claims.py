@@ -46,7 +46,9 @@ def header_value(value: Any) -> str | None:
     text: str | None
     if isinstance(value, list):
         items = [_scalar(v) for v in value]
-        text = None if any(i is None for i in items) else ",".join(i for i in items if i is not None)
+        text = (
+            None if any(i is None for i in items) else ",".join(i for i in items if i is not None)
+        )
     elif isinstance(value, dict):
         text = json.dumps(value, separators=(",", ":"), sort_keys=True)
     else:

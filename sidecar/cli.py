@@ -35,7 +35,9 @@ def _workload(args: argparse.Namespace) -> Workload | None:
 
 
 def _add_workload_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--policy-file", type=Path, required=True, help="YAML file of JWTPolicy documents")
+    p.add_argument(
+        "--policy-file", type=Path, required=True, help="YAML file of JWTPolicy documents"
+    )
     p.add_argument("--namespace", help="this workload's namespace (selects among several policies)")
     p.add_argument(
         "--label", action="append", default=[], metavar="KEY=VALUE", help="a pod label (repeatable)"
@@ -50,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     side = sub.add_parser("sidecar", help="run the Envoy ext_authz server")
     _add_workload_flags(side)
     side.add_argument("--listen", default="127.0.0.1:9191", help="gRPC address for Envoy")
-    side.add_argument("--metrics-listen", default=None, help="Prometheus address, e.g. 127.0.0.1:9090")
+    side.add_argument(
+        "--metrics-listen", default=None, help="Prometheus address, e.g. 127.0.0.1:9090"
+    )
     side.add_argument("--realm", default="lastguard", help="realm in WWW-Authenticate challenges")
     side.add_argument(
         "--allow-without-policy",
@@ -114,8 +118,13 @@ async def _run_verify(args: argparse.Namespace) -> int:
     token = sys.stdin.readline().strip() if args.token == "-" else args.token
     headers = dict(h.split("=", 1) for h in args.header if "=" in h)
     result = await verify.explain(
-        args.policy_file, _workload(args), args.namespace or "default",
-        token=token, method=args.method.upper(), path=args.path, headers=headers,
+        args.policy_file,
+        _workload(args),
+        args.namespace or "default",
+        token=token,
+        method=args.method.upper(),
+        path=args.path,
+        headers=headers,
     )
     print(json.dumps(result, indent=2, default=str))
     return 0 if result["allowed"] else 1
@@ -131,7 +140,9 @@ async def _run_dev_issuer(args: argparse.Namespace) -> int:
         return 0
     issuer = devissuer.DevIssuer(args.issuer)  # None: the bound URL
     handle = await devissuer.serve(issuer, host or "127.0.0.1", int(port))
-    print(json.dumps({"issuer": issuer.issuer_url, "jwks_uri": f"{handle.url}/jwks.json"}), flush=True)
+    print(
+        json.dumps({"issuer": issuer.issuer_url, "jwks_uri": f"{handle.url}/jwks.json"}), flush=True
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

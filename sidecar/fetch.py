@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
+
 from lastguard.sidecar import errors
 
 MAX_REDIRECTS = 3

@@ -31,6 +31,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt import algorithms as jwt_algorithms
+
 from lastguard.sidecar import errors
 
 MIN_RSA_BITS = 2048

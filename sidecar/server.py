@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import start_http_server
+from prometheus_client import Counter, start_http_server
 
 from lastguard.proto.envoy.service.auth.v3 import external_auth_pb2 as pb
 from lastguard.proto.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
@@ -57,24 +57,28 @@ class SidecarConfig:
     extra: dict[str, str] = field(default_factory=dict)
 
 
-class AuthorizationService(pb_grpc.AuthorizationServicer):
+class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
     """Envoy's Check: always answers with a decision, never with a gRPC error."""
 
     def __init__(self, authorizer: Authorizer, realm: str) -> None:
         self.authorizer = authorizer
         self.realm = realm
-        self._counters: dict[tuple[bool, str], metrics.Counter] = {}
+        self._counters: dict[tuple[bool, str], Counter] = {}
 
     def _count(self, decision: Decision) -> None:
         key = (decision.allowed, decision.reason)
         counter = self._counters.get(key)
         if counter is None:
-            counter = metrics.DECISIONS.labels("allow" if decision.allowed else "deny", decision.reason)
+            counter = metrics.DECISIONS.labels(
+                "allow" if decision.allowed else "deny", decision.reason
+            )
             self._counters[key] = counter
         counter.inc()
 
-    async def Check(  # noqa: N802 (gRPC method name)
-        self, request: pb.CheckRequest, context: grpc.aio.ServicerContext[pb.CheckRequest, pb.CheckResponse]
+    async def Check(
+        self,
+        request: pb.CheckRequest,
+        context: grpc.aio.ServicerContext[pb.CheckRequest, pb.CheckResponse],
     ) -> pb.CheckResponse:
         started = time.perf_counter()
         http = request.attributes.request.http
@@ -90,7 +94,9 @@ class Sidecar:
         self.config = config
         self.fetcher = HttpFetcher()
         self.registry = KeyRegistry(self.fetcher)
-        cache = TokenCache(max_entries=config.token_cache_entries, max_bytes=config.token_cache_bytes)
+        cache = TokenCache(
+            max_entries=config.token_cache_entries, max_bytes=config.token_cache_bytes
+        )
         self.authorizer = Authorizer(
             Authenticator(cache),
             allow_without_policy=config.allow_without_policy,

@@ -80,7 +80,9 @@ class PolicyStore:
         metrics.POLICIES_LOADED.set(len(policies))
         log.info(
             "policy applied",
-            extra={"fields": {"policy": compiled.key if compiled else None, "loaded": len(policies)}},
+            extra={
+                "fields": {"policy": compiled.key if compiled else None, "loaded": len(policies)}
+            },
         )
         self._start_prefetch()
         if not self.loaded:

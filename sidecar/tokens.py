@@ -22,7 +22,12 @@ from base64 import urlsafe_b64decode
 from dataclasses import dataclass
 from typing import Any
 
-from lastguard.sidecar.errors import CriticalHeader, MalformedToken, TokenTooLarge, UnsupportedAlgorithm
+from lastguard.sidecar.errors import (
+    CriticalHeader,
+    MalformedToken,
+    TokenTooLarge,
+    UnsupportedAlgorithm,
+)
 
 #: Larger tokens are rejected before any decoding (header limits make bigger ones suspect).
 MAX_TOKEN_BYTES = 8192

@@ -88,7 +88,9 @@ class _Object:
         value = self.data[key]
         # bool is a subclass of int: an int field must not accept true/false.
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            self.problems.add(self._sub(key), f"must be {_type_name(kind())}, not {_type_name(value)}")
+            self.problems.add(
+                self._sub(key), f"must be {_type_name(kind())}, not {_type_name(value)}"
+            )
             return default
         return value
 
@@ -97,7 +99,7 @@ class _Object:
         if value is not None and not value:
             self.problems.add(self._sub(key), "must not be empty")
             return None
-        return value  # type: ignore[no-any-return]
+        return value
 
     def integer(self, key: str, default: int | None, low: int, high: int) -> int | None:
         value = self.get(key, int, default)
@@ -237,9 +239,13 @@ def _issuer(raw: Any, path: str, problems: _Problems) -> model.Issuer | None:
     jwks = obj.string("jwks")
     public_keys = _public_keys(obj)
 
-    sources = [n for n, v in (("jwksUri", jwks_uri), ("jwks", jwks), ("publicKeys", public_keys)) if v]
+    sources = [
+        n for n, v in (("jwksUri", jwks_uri), ("jwks", jwks), ("publicKeys", public_keys)) if v
+    ]
     if len(sources) > 1:
-        problems.add(path, f"set only one of jwksUri, jwks, publicKeys (found {', '.join(sources)})")
+        problems.add(
+            path, f"set only one of jwksUri, jwks, publicKeys (found {', '.join(sources)})"
+        )
     if jwks_uri is not None and not _is_http_url(jwks_uri):
         problems.add(f"{path}.jwksUri", "must be an http(s) URL")
     if jwks is not None:
@@ -275,13 +281,16 @@ def _issuer(raw: Any, path: str, problems: _Problems) -> model.Issuer | None:
     for i, out in enumerate(claim_headers):
         if out.header in token_headers:
             problems.add(
-                f"{path}.outputClaimToHeaders[{i}].header", "must not be a header tokens are read from"
+                f"{path}.outputClaimToHeaders[{i}].header",
+                "must not be a header tokens are read from",
             )
     outputs = [c.header for c in claim_headers] + ([payload_header] if payload_header else [])
     if len(set(outputs)) != len(outputs):
         problems.add(f"{path}.outputClaimToHeaders", "each output header may be set only once")
 
-    skew = obj.integer("clockSkewSeconds", model.DEFAULT_CLOCK_SKEW_SECONDS, 0, MAX_CLOCK_SKEW_SECONDS)
+    skew = obj.integer(
+        "clockSkewSeconds", model.DEFAULT_CLOCK_SKEW_SECONDS, 0, MAX_CLOCK_SKEW_SECONDS
+    )
     lifetime = obj.integer("maxLifetimeSeconds", None, 1, 10 * 365 * 86_400)
     cache = obj.integer(
         "jwksCacheDurationSeconds",
@@ -370,7 +379,11 @@ def _rule(raw: Any, path: str, problems: _Problems) -> model.Rule | None:
     claims = obj.items("requiredClaims", lambda r, p: _required_claim(r, p, problems))
     obj.finish()
     if (scopes or claims) and not action.reads_tokens:
-        problems.add(path, f"requiredScopes and requiredClaims need action Authenticate or Optional, not {action.value}")
+        problems.add(
+            path,
+            "requiredScopes and requiredClaims need action Authenticate or Optional, "
+            f"not {action.value}",
+        )
     return model.Rule(
         paths=tuple(paths),
         methods=tuple(dict.fromkeys(methods)),
@@ -432,7 +445,9 @@ def parse_policy(doc: Any, default_namespace: str = "default") -> model.JWTPolic
     seen: dict[str, int] = {}
     for i, iss in enumerate(issuers):
         if iss.issuer in seen:
-            problems.add(f"spec.issuers[{i}].issuer", f"duplicates spec.issuers[{seen[iss.issuer]}]")
+            problems.add(
+                f"spec.issuers[{i}].issuer", f"duplicates spec.issuers[{seen[iss.issuer]}]"
+            )
         seen.setdefault(iss.issuer, i)
     rules = spec.items("rules", lambda r, p: _rule(r, p, problems))
     default_action = (
@@ -441,7 +456,10 @@ def parse_policy(doc: Any, default_namespace: str = "default") -> model.JWTPolic
     )
     spec.finish()
     if not issuers and (default_action.reads_tokens or any(r.action.reads_tokens for r in rules)):
-        problems.add("spec.issuers", "at least one issuer is required when any action is Authenticate or Optional")
+        problems.add(
+            "spec.issuers",
+            "at least one issuer is required when any action is Authenticate or Optional",
+        )
 
     if problems.items:
         raise PolicyError(problems.items)

@@ -65,7 +65,9 @@ class Harness:
         return await self.stub.Check(check_request(path, headers), timeout=5)
 
     async def status(self) -> int:
-        reply = await self.health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5)
+        reply = await self.health.Check(
+            health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5
+        )
         return int(reply.status)
 
     async def wait_for(self, predicate: object, timeout: float = 5.0) -> None:
@@ -109,9 +111,13 @@ async def test_not_serving_and_denying_until_a_policy_loads(harness: Harness) ->
     token = harness.issuer.mint({"sub": "alice", "aud": "api"})
     allowed = await harness.check("/api", {"authorization": f"Bearer {token}", "x-user": "admin"})
     assert allowed.status.code == 0
-    assert [(h.header.key, h.header.value) for h in allowed.ok_response.headers] == [("x-user", "alice")]
+    assert [(h.header.key, h.header.value) for h in allowed.ok_response.headers] == [
+        ("x-user", "alice")
+    ]
     assert list(allowed.ok_response.headers_to_remove) == ["authorization"]
-    assert allowed.dynamic_metadata.fields["claims"].struct_value.fields["sub"].string_value == "alice"
+    assert (
+        allowed.dynamic_metadata.fields["claims"].struct_value.fields["sub"].string_value == "alice"
+    )
 
     denied = await harness.check("/api", {})
     assert denied.denied_response.status.code == 401
@@ -125,7 +131,9 @@ async def test_hot_reload_and_invalid_file_keeps_old_policy(harness: Harness) ->
     harness.policy_file.write_text(policy_yaml(issuer.url, issuer.jwks_uri, audience="api"))
     harness.sidecar.policy_file.load()
     token_b = issuer.mint({"sub": "bob", "aud": "billing"})
-    assert (await harness.check("/x", {"authorization": f"Bearer {token_b}"})).denied_response.status.code == 401
+    assert (
+        await harness.check("/x", {"authorization": f"Bearer {token_b}"})
+    ).denied_response.status.code == 401
 
     harness.policy_file.write_text(policy_yaml(issuer.url, issuer.jwks_uri, audience="billing"))
 
@@ -177,7 +185,11 @@ async def test_metrics_endpoint(tmp_path: Path) -> None:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.port}") as channel:
             await pb_grpc.AuthorizationStub(channel).Check(check_request("/", {}), timeout=5)
         body = await asyncio.to_thread(
-            lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            lambda: (
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
+                .read()
+                .decode()
+            )
         )
     finally:
         await sidecar.stop()

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
+
 from lastguard.sidecar import devissuer
 
 T = TypeVar("T")

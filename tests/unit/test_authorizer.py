@@ -43,17 +43,32 @@ def jwk(private: Any, kid: str, alg: str) -> dict[str, Any]:
 
 
 JWKS = json.dumps(
-    {"keys": [jwk(RSA_KEY, "rsa-1", "RS256"), jwk(EC_KEY, "ec-1", "ES256"), jwk(ED_KEY, "ed-1", "EdDSA")]}
+    {
+        "keys": [
+            jwk(RSA_KEY, "rsa-1", "RS256"),
+            jwk(EC_KEY, "ec-1", "ES256"),
+            jwk(ED_KEY, "ed-1", "EdDSA"),
+        ]
+    }
 )
 PRIVATE = {"rsa-1": (RSA_KEY, "RS256"), "ec-1": (EC_KEY, "ES256"), "ed-1": (ED_KEY, "EdDSA")}
 
 
-def mint(kid: str = "rsa-1", *, alg: str | None = None, key: Any = None, headers: Mapping[str, Any] | None = None, **claims: Any) -> str:
+def mint(
+    kid: str = "rsa-1",
+    *,
+    alg: str | None = None,
+    key: Any = None,
+    headers: Mapping[str, Any] | None = None,
+    **claims: Any,
+) -> str:
     private, default_alg = PRIVATE.get(kid, (RSA_KEY, "RS256"))
     body: dict[str, Any] = {"iss": ISS, "sub": "alice", "aud": "api", "exp": NOW + 300, "iat": NOW}
     body.update(claims)
     body = {k: v for k, v in body.items() if v is not None}
-    return jwt.encode(body, key or private, algorithm=alg or default_alg, headers={"kid": kid, **(headers or {})})
+    return jwt.encode(
+        body, key or private, algorithm=alg or default_alg, headers={"kid": kid, **(headers or {})}
+    )
 
 
 def unsigned(**claims: Any) -> str:
@@ -65,7 +80,9 @@ def hs256_with_public_key() -> str:
     """The algorithm-confusion attack: HMAC keyed with the RSA public key's PEM bytes."""
     enc = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()  # noqa: E731
     header = enc(json.dumps({"alg": "HS256", "kid": "rsa-1"}).encode())
-    payload = enc(json.dumps({"iss": ISS, "aud": "api", "sub": "mallory", "exp": NOW + 60}).encode())
+    payload = enc(
+        json.dumps({"iss": ISS, "aud": "api", "sub": "mallory", "exp": NOW + 60}).encode()
+    )
     pem = RSA_KEY.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -111,7 +128,9 @@ class Clock:
         return self.now
 
 
-def build(policy: Mapping[str, Any] = POLICY, source: KeySource | None = None) -> tuple[Authorizer, Clock]:
+def build(
+    policy: Mapping[str, Any] = POLICY, source: KeySource | None = None
+) -> tuple[Authorizer, Clock]:
     clock = Clock()
     authorizer = Authorizer(Authenticator(TokenCache(clock=clock), clock=clock))
     parsed = parse_policy(policy)
@@ -142,42 +161,121 @@ async def decide(headers: Mapping[str, str], path: str = "/api/x", method: str =
         pytest.param(bearer(mint()), "/api/x", "GET", 200, "authenticated", id="valid-rs256"),
         pytest.param(bearer(mint("ec-1")), "/api/x", "GET", 200, "authenticated", id="valid-es256"),
         pytest.param(bearer(mint("ed-1")), "/api/x", "GET", 200, "authenticated", id="valid-eddsa"),
-        pytest.param({}, "/x?access_token=" + mint(), "GET", 200, "authenticated", id="valid-in-query"),
-        pytest.param(bearer(mint(exp=NOW - 61)), "/api/x", "GET", 401, "expired", id="expired-beyond-skew"),
-        pytest.param(bearer(mint(exp=NOW - 59)), "/api/x", "GET", 200, "authenticated", id="expired-within-skew"),
-        pytest.param(bearer(mint(nbf=NOW + 61)), "/api/x", "GET", 401, "not_yet_valid", id="nbf-beyond-skew"),
-        pytest.param(bearer(mint(nbf=NOW + 59)), "/api/x", "GET", 200, "authenticated", id="nbf-within-skew"),
+        pytest.param(
+            {}, "/x?access_token=" + mint(), "GET", 200, "authenticated", id="valid-in-query"
+        ),
+        pytest.param(
+            bearer(mint(exp=NOW - 61)), "/api/x", "GET", 401, "expired", id="expired-beyond-skew"
+        ),
+        pytest.param(
+            bearer(mint(exp=NOW - 59)),
+            "/api/x",
+            "GET",
+            200,
+            "authenticated",
+            id="expired-within-skew",
+        ),
+        pytest.param(
+            bearer(mint(nbf=NOW + 61)), "/api/x", "GET", 401, "not_yet_valid", id="nbf-beyond-skew"
+        ),
+        pytest.param(
+            bearer(mint(nbf=NOW + 59)), "/api/x", "GET", 200, "authenticated", id="nbf-within-skew"
+        ),
         pytest.param(bearer(mint(exp=None)), "/api/x", "GET", 401, "no_exp", id="no-exp"),
-        pytest.param(bearer(mint(exp="soon")), "/api/x", "GET", 401, "malformed", id="exp-not-number"),
-        pytest.param(bearer(mint(iat=NOW - 7200)), "/api/x", "GET", 401, "lifetime", id="lifetime-too-long"),
-        pytest.param(bearer(mint(iss="https://evil")), "/api/x", "GET", 401, "issuer", id="wrong-issuer"),
-        pytest.param(bearer(mint(aud="other")), "/api/x", "GET", 401, "audience", id="wrong-audience"),
-        pytest.param(bearer(mint(aud=["other", "api"])), "/api/x", "GET", 200, "authenticated", id="audience-in-list"),
+        pytest.param(
+            bearer(mint(exp="soon")), "/api/x", "GET", 401, "malformed", id="exp-not-number"
+        ),
+        pytest.param(
+            bearer(mint(iat=NOW - 7200)), "/api/x", "GET", 401, "lifetime", id="lifetime-too-long"
+        ),
+        pytest.param(
+            bearer(mint(iss="https://evil")), "/api/x", "GET", 401, "issuer", id="wrong-issuer"
+        ),
+        pytest.param(
+            bearer(mint(aud="other")), "/api/x", "GET", 401, "audience", id="wrong-audience"
+        ),
+        pytest.param(
+            bearer(mint(aud=["other", "api"])),
+            "/api/x",
+            "GET",
+            200,
+            "authenticated",
+            id="audience-in-list",
+        ),
         pytest.param(bearer(mint(aud=None)), "/api/x", "GET", 401, "audience", id="no-audience"),
-        pytest.param(bearer(mint(key=OTHER_RSA)), "/api/x", "GET", 401, "signature", id="bad-signature"),
+        pytest.param(
+            bearer(mint(key=OTHER_RSA)), "/api/x", "GET", 401, "signature", id="bad-signature"
+        ),
         pytest.param(bearer(mint("rsa-9")), "/api/x", "GET", 401, "unknown_kid", id="unknown-kid"),
         pytest.param(bearer(unsigned()), "/api/x", "GET", 401, "algorithm", id="alg-none"),
         pytest.param(
-            bearer(hs256_with_public_key()), "/api/x", "GET", 401, "algorithm",
+            bearer(hs256_with_public_key()),
+            "/api/x",
+            "GET",
+            401,
+            "algorithm",
             id="hs256-signed-with-rsa-public-key",
         ),
-        pytest.param(bearer(mint(alg="PS256")), "/api/x", "GET", 401, "unknown_kid", id="alg-not-allowed-by-jwk"),
-        pytest.param(bearer(mint(headers={"crit": ["urn:x"], "urn:x": 1})), "/api/x", "GET", 401, "crit", id="crit-header"),
+        pytest.param(
+            bearer(mint(alg="PS256")),
+            "/api/x",
+            "GET",
+            401,
+            "unknown_kid",
+            id="alg-not-allowed-by-jwk",
+        ),
+        pytest.param(
+            bearer(mint(headers={"crit": ["urn:x"], "urn:x": 1})),
+            "/api/x",
+            "GET",
+            401,
+            "crit",
+            id="crit-header",
+        ),
         pytest.param(bearer("not-a-jwt"), "/api/x", "GET", 401, "malformed", id="garbage"),
         pytest.param(bearer("a" * 9000), "/api/x", "GET", 401, "token_too_large", id="huge"),
         pytest.param({}, "/healthz", "GET", 200, "rule_allow", id="allow-rule-no-token"),
-        pytest.param(bearer("garbage"), "/healthz", "GET", 200, "rule_allow", id="allow-rule-ignores-token"),
+        pytest.param(
+            bearer("garbage"), "/healthz", "GET", 200, "rule_allow", id="allow-rule-ignores-token"
+        ),
         pytest.param(bearer(mint()), "/admin/users", "GET", 403, "rule_deny", id="deny-rule"),
         pytest.param({}, "/public/x", "GET", 200, "optional_no_token", id="optional-no-token"),
         pytest.param(bearer(mint()), "/public/x", "GET", 200, "authenticated", id="optional-valid"),
-        pytest.param(bearer(mint(exp=NOW - 600)), "/public/x", "GET", 401, "expired", id="optional-invalid-rejected"),
-        pytest.param(bearer(mint(scope="read")), "/api/x", "POST", 403, "insufficient_scope", id="missing-scope"),
-        pytest.param(bearer(mint(scope="read write")), "/api/x", "POST", 200, "authenticated", id="has-scope"),
-        pytest.param(bearer(mint(groups=["dev"])), "/ops/x", "GET", 403, "claim", id="claim-mismatch"),
-        pytest.param(bearer(mint(groups=["dev", "ops"])), "/ops/x", "GET", 200, "authenticated", id="claim-match"),
+        pytest.param(
+            bearer(mint(exp=NOW - 600)),
+            "/public/x",
+            "GET",
+            401,
+            "expired",
+            id="optional-invalid-rejected",
+        ),
+        pytest.param(
+            bearer(mint(scope="read")),
+            "/api/x",
+            "POST",
+            403,
+            "insufficient_scope",
+            id="missing-scope",
+        ),
+        pytest.param(
+            bearer(mint(scope="read write")), "/api/x", "POST", 200, "authenticated", id="has-scope"
+        ),
+        pytest.param(
+            bearer(mint(groups=["dev"])), "/ops/x", "GET", 403, "claim", id="claim-mismatch"
+        ),
+        pytest.param(
+            bearer(mint(groups=["dev", "ops"])),
+            "/ops/x",
+            "GET",
+            200,
+            "authenticated",
+            id="claim-match",
+        ),
     ],
 )
-async def test_decisions(headers: dict[str, str], path: str, method: str, status: int, reason: str) -> None:
+async def test_decisions(
+    headers: dict[str, str], path: str, method: str, status: int, reason: str
+) -> None:
     decision = await decide(headers, path, method)
     assert (decision.status, decision.reason) == (status, reason), decision.description
 
@@ -216,7 +314,9 @@ async def test_spoofed_headers_are_stripped_when_no_claim_sets_them() -> None:
     assert decision.allowed and set(decision.headers_to_remove) == {"x-user", "x-groups"}
     token = mint()  # no groups claim: x-groups is not set, so the client's copy must go
     decision = await decide({**bearer(token), "x-groups": "root"})
-    assert "x-groups" in decision.headers_to_remove and ("x-user", "alice") in decision.headers_to_set
+    assert (
+        "x-groups" in decision.headers_to_remove and ("x-user", "alice") in decision.headers_to_set
+    )
 
 
 async def test_query_token_is_removed_from_the_request() -> None:

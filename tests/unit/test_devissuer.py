@@ -8,8 +8,8 @@ from typing import Any
 import aiohttp
 import jwt
 import pytest
-from lastguard.sidecar import devissuer, keys
 
+from lastguard.sidecar import devissuer, keys
 from tests.support.issuer import TestIssuer, ThreadedTestIssuer
 
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}

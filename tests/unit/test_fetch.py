@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from aiohttp import web
+
 from lastguard.sidecar import errors, fetch
 
 MAX_BYTES = 4096

@@ -15,10 +15,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt import algorithms as jwt_algorithms
-from lastguard.sidecar import errors, fetch, jwks_cache
-from lastguard.sidecar.policy import model
 from prometheus_client import REGISTRY
 
+from lastguard.sidecar import errors, fetch, jwks_cache
+from lastguard.sidecar.policy import model
 from tests.support.issuer import TestIssuer
 
 JWKS_URI = "https://idp.test/jwks.json"

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa, x25519
 from cryptography.x509.oid import NameOID
 from jwt import algorithms as jwt_algorithms
+
 from lastguard.sidecar import errors, keys
 
 RSA = rsa.generate_private_key(public_exponent=65537, key_size=2048)

@@ -217,7 +217,7 @@ def test_full_policy() -> None:
         ),
         pytest.param(
             policy(rules=[{"paths": ["/a*b"]}]),
-            "spec.rules[0].paths[0]: must start with '/', contain no '?', '#' or spaces, and use '*'",
+            "spec.rules[0].paths[0]: must start with '/', contain no '?', '#' or spaces",
             id="inner-wildcard",
         ),
         pytest.param(
@@ -294,7 +294,9 @@ def test_inline_keys_accepted() -> None:
 
 
 def test_policy_without_issuers_is_fine_when_no_action_reads_tokens() -> None:
-    p = parse_policy(policy(issuers=[], rules=[{"paths": ["/healthz"], "action": "Allow"}], defaultAction="Deny"))
+    p = parse_policy(
+        policy(issuers=[], rules=[{"paths": ["/healthz"], "action": "Allow"}], defaultAction="Deny")
+    )
     assert p.issuers == ()
 
 
@@ -306,7 +308,9 @@ def test_stream_is_all_or_nothing_with_document_labels() -> None:
     text = "\n---\n".join(json.dumps(d) for d in (good, bad))
     with pytest.raises(PolicyError) as info:
         parse_documents(text)
-    assert info.value.problems == ["document 1 (second): spec.issuers[0].jwksUri: must be an http(s) URL"]
+    assert info.value.problems == [
+        "document 1 (second): spec.issuers[0].jwksUri: must be an http(s) URL"
+    ]
 
 
 def test_duplicate_policy_names_rejected() -> None:

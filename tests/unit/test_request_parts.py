@@ -52,15 +52,25 @@ def test_parse_valid_token() -> None:
         pytest.param("é.e30.c2ln", errors.MalformedToken, id="non-ascii"),
         pytest.param(f"{b64(b'not json')}.e30.c2ln", errors.MalformedToken, id="header-not-json"),
         pytest.param(f"{b64(b'[1]')}.e30.c2ln", errors.MalformedToken, id="header-not-object"),
-        pytest.param(f"{b64(bytes([0xff, 0xfe]))}.e30.c2ln", errors.MalformedToken, id="header-not-utf8"),
-        pytest.param(compact({"alg": "RS256"}, [1]), errors.MalformedToken, id="payload-not-object"),
+        pytest.param(
+            f"{b64(bytes([0xFF, 0xFE]))}.e30.c2ln", errors.MalformedToken, id="header-not-utf8"
+        ),
+        pytest.param(
+            compact({"alg": "RS256"}, [1]), errors.MalformedToken, id="payload-not-object"
+        ),
         pytest.param(compact({"kid": "x"}, {}), errors.MalformedToken, id="no-alg"),
         pytest.param(compact({"alg": 5}, {}), errors.MalformedToken, id="alg-not-string"),
         pytest.param(compact({"alg": "none"}, {}), errors.UnsupportedAlgorithm, id="alg-none"),
-        pytest.param(compact({"alg": "NoNe"}, {}), errors.UnsupportedAlgorithm, id="alg-none-mixed-case"),
-        pytest.param(compact({"alg": "RS256", "kid": 1}, {}), errors.MalformedToken, id="kid-not-string"),
         pytest.param(
-            compact({"alg": "RS256", "crit": ["exp"], "exp": 1}, {}), errors.CriticalHeader, id="crit"
+            compact({"alg": "NoNe"}, {}), errors.UnsupportedAlgorithm, id="alg-none-mixed-case"
+        ),
+        pytest.param(
+            compact({"alg": "RS256", "kid": 1}, {}), errors.MalformedToken, id="kid-not-string"
+        ),
+        pytest.param(
+            compact({"alg": "RS256", "crit": ["exp"], "exp": 1}, {}),
+            errors.CriticalHeader,
+            id="crit",
         ),
         pytest.param(compact({"alg": "RS256"}, {}, b""), errors.MalformedToken, id="no-signature"),
         pytest.param(
@@ -96,7 +106,10 @@ def test_deep_json_nesting_is_malformed_not_a_crash() -> None:
 
 ISSUER = model.Issuer(
     issuer="https://i",
-    from_headers=(model.HeaderLocation("authorization", "Bearer "), model.HeaderLocation("x-token")),
+    from_headers=(
+        model.HeaderLocation("authorization", "Bearer "),
+        model.HeaderLocation("x-token"),
+    ),
     from_params=("access_token",),
     from_cookies=("session",),
 )
@@ -107,8 +120,15 @@ LOCATIONS = extract.policy_locations([ISSUER])
     ("headers", "path", "expected"),
     [
         pytest.param({}, "/", None, id="nothing"),
-        pytest.param({"authorization": "Bearer abc"}, "/", ("abc", "header authorization"), id="bearer"),
-        pytest.param({"authorization": "bearer abc"}, "/", ("abc", "header authorization"), id="scheme-case-insensitive"),
+        pytest.param(
+            {"authorization": "Bearer abc"}, "/", ("abc", "header authorization"), id="bearer"
+        ),
+        pytest.param(
+            {"authorization": "bearer abc"},
+            "/",
+            ("abc", "header authorization"),
+            id="scheme-case-insensitive",
+        ),
         pytest.param({"authorization": "Basic dXNlcg=="}, "/", None, id="basic-is-no-token"),
         pytest.param({"x-token": "abc"}, "/", ("abc", "header x-token"), id="plain-header"),
         pytest.param({}, "/x?a=1&access_token=abc", ("abc", "param access_token"), id="query"),
@@ -203,7 +223,9 @@ def test_first_matching_rule(method: str, path: str, action: model.Action) -> No
 # --- selection --------------------------------------------------------------------
 
 
-def pol(name: str, ns: str = "shop", labels: dict[str, str] | None = None, ts: str | None = None) -> model.JWTPolicy:
+def pol(
+    name: str, ns: str = "shop", labels: dict[str, str] | None = None, ts: str | None = None
+) -> model.JWTPolicy:
     return model.JWTPolicy(
         namespace=ns,
         name=name,
@@ -218,7 +240,10 @@ def pol(name: str, ns: str = "shop", labels: dict[str, str] | None = None, ts: s
         pytest.param([pol("a", ns="other")], {"app": "web"}, None, [], id="other-namespace"),
         pytest.param([pol("wide")], {"app": "web"}, "wide", [], id="namespace-wide"),
         pytest.param(
-            [pol("wide"), pol("web", labels={"app": "web"})], {"app": "web"}, "web", [],
+            [pol("wide"), pol("web", labels={"app": "web"})],
+            {"app": "web"},
+            "web",
+            [],
             id="specific-beats-wide",
         ),
         pytest.param(
@@ -234,13 +259,14 @@ def pol(name: str, ns: str = "shop", labels: dict[str, str] | None = None, ts: s
             ["new"],
             id="oldest-wins-conflict",
         ),
-        pytest.param(
-            [pol("b"), pol("a")], {}, "a", ["b"], id="name-breaks-ties"
-        ),
+        pytest.param([pol("b"), pol("a")], {}, "a", ["b"], id="name-breaks-ties"),
     ],
 )
 def test_select(
-    policies: list[model.JWTPolicy], labels: dict[str, str], winner: str | None, conflicts: list[str]
+    policies: list[model.JWTPolicy],
+    labels: dict[str, str],
+    winner: str | None,
+    conflicts: list[str],
 ) -> None:
     result = select.select(policies, select.Workload.of("shop", labels))
     assert (result.policy.name if result.policy else None) == winner

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,10 +91,13 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
 
 
 class Sidecar:
-    def __init__(self, config: SidecarConfig) -> None:
+    def __init__(
+        self, config: SidecarConfig, *, key_clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        """`key_clock` drives key refresh schedules (tests advance it instead of sleeping)."""
         self.config = config
         self.fetcher = HttpFetcher()
-        self.registry = KeyRegistry(self.fetcher)
+        self.registry = KeyRegistry(self.fetcher, key_clock)
         cache = TokenCache(
             max_entries=config.token_cache_entries, max_bytes=config.token_cache_bytes
         )

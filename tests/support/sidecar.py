@@ -127,6 +127,8 @@ class PolicyWriter:
 class SidecarThread:
     """`Sidecar(SidecarConfig(policy_file, listen="127.0.0.1:PORT", **config))` on a thread.
 
+    `key_clock=` in `config` is passed to `Sidecar` (a fake monotonic clock for key refresh).
+
     `start()` returns once the gRPC port is bound and readiness (`ready`) holds;
     `stop()` runs the sidecar's graceful stop and ends the thread. Test-friendly
     defaults (fast reload, short grace) apply unless `config` sets them.
@@ -158,9 +160,11 @@ class SidecarThread:
         known = {f.name for f in dataclasses.fields(server.SidecarConfig)}
         settings = {k: v for k, v in self.TEST_DEFAULTS.items() if k in known}
         settings.update(self.config)
-        return server.Sidecar(
-            server.SidecarConfig(policy_file=self.policy_file, listen=self._listen, **settings)
-        )
+        key_clock = settings.pop("key_clock", None)
+        config = server.SidecarConfig(policy_file=self.policy_file, listen=self._listen, **settings)
+        if key_clock is None:
+            return server.Sidecar(config)
+        return server.Sidecar(config, key_clock=key_clock)
 
     def start(self) -> SidecarThread:
         self._loop = asyncio.new_event_loop()

@@ -18,20 +18,17 @@ from lastguard.sidecar import logs
 from lastguard.sidecar.policy.select import Workload
 
 
-def _labels(values: Sequence[str]) -> dict[str, str]:
-    out = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise argparse.ArgumentTypeError(f"--label needs key=value, got {item!r}")
-        out[key] = value
-    return out
+def _pair(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {item!r}")
+    return key, value
 
 
 def _workload(args: argparse.Namespace) -> Workload | None:
     if args.namespace is None and not args.label:
         return None
-    return Workload.of(args.namespace or "default", _labels(args.label))
+    return Workload.of(args.namespace or "default", dict(args.label))
 
 
 def _add_workload_flags(p: argparse.ArgumentParser) -> None:
@@ -40,7 +37,12 @@ def _add_workload_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--namespace", help="this workload's namespace (selects among several policies)")
     p.add_argument(
-        "--label", action="append", default=[], metavar="KEY=VALUE", help="a pod label (repeatable)"
+        "--label",
+        action="append",
+        default=[],
+        type=_pair,
+        metavar="KEY=VALUE",
+        help="a pod label (repeatable)",
     )
 
 
@@ -73,7 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--path", default="/")
     ver.add_argument("--method", default="GET")
     ver.add_argument(
-        "--header", action="append", default=[], metavar="NAME=VALUE", help="extra request header"
+        "--header",
+        action="append",
+        default=[],
+        type=_pair,
+        metavar="NAME=VALUE",
+        help="extra request header",
     )
 
     dev = sub.add_parser("dev-issuer", help="serve a JWKS and mint tokens (demos and tests only)")
@@ -116,7 +123,7 @@ async def _run_verify(args: argparse.Namespace) -> int:
     from lastguard.sidecar import verify
 
     token = sys.stdin.readline().strip() if args.token == "-" else args.token
-    headers = dict(h.split("=", 1) for h in args.header if "=" in h)
+    headers = dict(args.header)
     result = await verify.explain(
         args.policy_file,
         _workload(args),

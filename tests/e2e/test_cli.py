@@ -104,7 +104,8 @@ def test_verify_explains_a_denial(
 
 def test_verify_reports_an_invalid_policy_file(write_policy: PolicyWriter) -> None:
     policy_file = write_policy(
-        "apiVersion: lastguard.dev/v1alpha1\nkind: JWTPolicy\nmetadata: {name: x}\nspec: {issuers: [{issuer: nope}]}\n"
+        "apiVersion: lastguard.dev/v1alpha1\nkind: JWTPolicy\n"
+        "metadata: {name: x}\nspec: {issuers: [{issuer: nope}]}\n"
     )
     result = lastguard("verify", "--policy-file", str(policy_file), "--token", "x")
     assert result.returncode == 1

@@ -22,6 +22,7 @@ from typing import Any
 
 from jwt.algorithms import Algorithm, get_default_algorithms
 
+from lastguard.sidecar import claims as claims_mod
 from lastguard.sidecar import errors, metrics, tokens
 from lastguard.sidecar.compile import CompiledIssuer, CompiledPolicy
 from lastguard.sidecar.extract import FoundToken
@@ -36,8 +37,7 @@ def _number(claims: dict[str, Any], name: str) -> float | None:
     value = claims.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise errors.MalformedToken(f"the token's {name} claim is not a number")
+    # tokens.parse already rejected non-numbers, NaN and out-of-range dates.
     return float(value)
 
 
@@ -66,10 +66,8 @@ def check_audience(claims: dict[str, Any], issuer: CompiledIssuer) -> None:
     if not issuer.audiences:
         return
     aud = claims.get("aud")
-    if isinstance(aud, str):
-        if aud in issuer.audiences:
-            return
-    elif isinstance(aud, list) and any(isinstance(a, str) and a in issuer.audiences for a in aud):
+    values = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+    if any(claims_mod.normalize_audience(a) in issuer.audiences for a in values):
         return
     raise errors.AudienceMismatch()
 

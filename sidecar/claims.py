@@ -1,4 +1,4 @@
-"""Reading verified claims: nested lookup, scopes, required claims, header values. Pure."""
+"""Reading verified claims: audiences, nested paths, scopes, required claims, headers. Pure."""
 
 from __future__ import annotations
 
@@ -13,6 +13,15 @@ _MISSING = object()
 
 #: Longest header value lastguard will emit for a claim; longer ones are left out.
 MAX_HEADER_VALUE = 4096
+
+
+def normalize_audience(aud: str) -> str:
+    """Envoy jwt_authn's rule: `https://api/`, `http://api` and `api` are one audience."""
+    for scheme in ("https://", "http://"):
+        if aud.startswith(scheme):
+            aud = aud[len(scheme) :]
+            break
+    return aud.rstrip("/")
 
 
 def claim_at(claims: dict[str, Any], path: str) -> Any:

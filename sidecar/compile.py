@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lastguard.sidecar import extract, match
+from lastguard.sidecar.claims import normalize_audience
 from lastguard.sidecar.jwks_cache import KeySource
 from lastguard.sidecar.policy import model
 
@@ -51,7 +52,7 @@ def compile_policy(
         i.issuer: CompiledIssuer(
             config=i,
             keys=source_for(i),
-            audiences=frozenset(i.audiences),
+            audiences=frozenset(normalize_audience(a) for a in i.audiences),
             algorithms=frozenset(i.algorithms),
             locations=frozenset(extract.issuer_locations(i)),
         )

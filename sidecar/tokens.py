@@ -9,8 +9,10 @@ Strictness, on purpose: exactly three base64url segments without padding, JSON
 objects without duplicate member names (a duplicate could be read one way here
 and another way by the app), ASCII only, `alg` a string, `kid` a string if
 present, and any `crit` header rejected because lastguard implements no JWS
-extensions (RFC 7515 4.1.11). Header parameters that name keys (`jku`, `x5u`,
-`jwk`, `x5c`) are ignored: keys come only from the policy.
+extensions (RFC 7515 4.1.11), and registered claims of the wrong type
+(`exp: NaN`, a numeric `sub`, an `aud` list holding a number). Header
+parameters that name keys (`jku`, `x5u`, `jwk`, `x5c`) are ignored: keys come
+only from the policy.
 """
 
 from __future__ import annotations
@@ -66,10 +68,15 @@ def _b64decode(segment: str) -> bytes:
         raise MalformedToken("the token is not valid base64url") from exc
 
 
+def _no_constants(name: str) -> Any:
+    # json.loads accepts NaN and Infinity, which are not JSON; `exp: NaN` would never expire.
+    raise MalformedToken(f"the token contains {name}, which is not valid JSON")
+
+
 def _json_object(segment: str, what: str) -> dict[str, Any]:
     raw = _b64decode(segment)
     try:
-        value = json.loads(raw, object_pairs_hook=_no_duplicates)
+        value = json.loads(raw, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
     except MalformedToken:
         raise
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
@@ -77,6 +84,31 @@ def _json_object(segment: str, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise MalformedToken(f"the token's {what} is not a JSON object")
     return value
+
+
+#: Numeric dates beyond this are not plausible (and lose precision as floats).
+MAX_NUMERIC_DATE = 2**53
+
+
+def _check_registered_claims(claims: dict[str, Any]) -> None:
+    """RFC 7519 4.1 types: string claims are strings, dates are finite numbers, aud a
+    string or a list of strings. Whatever the app reads must be what was checked."""
+    for name in ("iss", "sub", "jti"):
+        if name in claims and not isinstance(claims[name], str):
+            raise MalformedToken(f"the token's {name} claim is not a string")
+    for name in ("exp", "nbf", "iat"):
+        value = claims.get(name)
+        if value is None and name not in claims:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise MalformedToken(f"the token's {name} claim is not a number")
+        if not 0 <= value <= MAX_NUMERIC_DATE:  # NaN fails every comparison
+            raise MalformedToken(f"the token's {name} claim is out of range")
+    aud = claims.get("aud")
+    if "aud" in claims and not (
+        isinstance(aud, str) or (isinstance(aud, list) and all(isinstance(a, str) for a in aud))
+    ):
+        raise MalformedToken("the token's aud claim is not a string or a list of strings")
 
 
 def parse(token: str) -> ParsedToken:
@@ -98,6 +130,7 @@ def parse(token: str) -> ParsedToken:
     if kid is not None and not isinstance(kid, str):
         raise MalformedToken("the token's kid is not a string")
     claims = _json_object(payload_segment, "payload")
+    _check_registered_claims(claims)
     signature = _b64decode(signature_segment)
     if not signature:
         raise MalformedToken("the token has no signature")

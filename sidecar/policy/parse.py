@@ -9,6 +9,7 @@ this module is the reference both the sidecar and the operator run.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -23,10 +24,44 @@ from lastguard.sidecar.policy import model
 
 T = TypeVar("T")
 
-_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_METHOD = re.compile(r"^[A-Z]+$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_PATH = re.compile(r"^/[^?#*\s]*\*?$")
+# Always used with fullmatch: `$` would also match before a trailing newline.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_METHOD = re.compile(r"[A-Z]+")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_PATH = re.compile(r"/[^?#*\s]*\*?")
+# A URL is only unreserved, reserved and percent characters (RFC 3986): no spaces or controls.
+_URL_CHARS = re.compile(r"[A-Za-z0-9\-._~%!$&'()*+,;=:@/?#\[\]]+")
+_REG_NAME = re.compile(r"[A-Za-z0-9\-._~%]+")
+
+#: Bounds shared with the CRD (CEL cost estimation needs them there; here they stop abuse).
+MAX_ITEMS = {
+    "issuers": 16,
+    "rules": 128,
+    "paths": 64,
+    "methods": 16,
+    "audiences": 32,
+    "algorithms": 16,
+    "fromHeaders": 16,
+    "fromParams": 16,
+    "fromCookies": 16,
+    "outputClaimToHeaders": 32,
+    "requiredScopes": 32,
+    "requiredClaims": 16,
+    "values": 64,
+    "matchLabels": 64,
+    "publicKeys": 16,
+}
+MAX_LENGTH = {
+    "jwks": 65536,
+    "publicKeys": 65536,
+    "issuer": 2048,
+    "jwksUri": 2048,
+    "audiences": 2048,
+    "paths": 1024,
+    "values": 1024,
+    "matchLabels": 63,
+}
+DEFAULT_MAX_LENGTH = 256
 
 #: Headers a policy may never set or read claims into: hop-by-hop, pseudo and framing headers.
 RESERVED_HEADERS = frozenset(
@@ -86,11 +121,21 @@ class _Object:
                 self.problems.add(self._sub(key), "is required")
             return default
         value = self.data[key]
+        if kind is int and isinstance(value, float) and value.is_integer():
+            value = int(value)  # as the API server stores 60.0
         # bool is a subclass of int: an int field must not accept true/false.
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             self.problems.add(
                 self._sub(key), f"must be {_type_name(kind())}, not {_type_name(value)}"
             )
+            return default
+        items = MAX_ITEMS.get(key)
+        if items is not None and isinstance(value, list | dict) and len(value) > items:
+            self.problems.add(self._sub(key), f"must have at most {items} items")
+            return default
+        length = MAX_LENGTH.get(key, DEFAULT_MAX_LENGTH)
+        if isinstance(value, str) and len(value) > length:
+            self.problems.add(self._sub(key), f"must be at most {length} characters")
             return default
         return value
 
@@ -126,7 +171,8 @@ class _Object:
         return out
 
     def strings(self, key: str) -> list[str]:
-        return self.items(key, lambda raw, path: _string_item(raw, path, self.problems))
+        limit = MAX_LENGTH.get(key, DEFAULT_MAX_LENGTH)
+        return self.items(key, lambda raw, path: _string_item(raw, path, self.problems, limit))
 
     def finish(self) -> None:
         """Reports every field the reader did not ask for."""
@@ -135,9 +181,14 @@ class _Object:
                 self.problems.add(self._sub(str(key)), "unknown field")
 
 
-def _string_item(raw: Any, path: str, problems: _Problems) -> str | None:
+def _string_item(
+    raw: Any, path: str, problems: _Problems, limit: int = DEFAULT_MAX_LENGTH
+) -> str | None:
     if not isinstance(raw, str) or not raw:
         problems.add(path, "must be a non-empty string")
+        return None
+    if len(raw) > limit:
+        problems.add(path, f"must be at most {limit} characters")
         return None
     return raw
 
@@ -150,17 +201,31 @@ def _as_object(raw: Any, path: str, problems: _Problems) -> _Object | None:
 
 
 def _is_http_url(value: str) -> bool:
+    """An absolute http(s) URL with a host, nothing urlsplit would have to forgive."""
+    if not _URL_CHARS.fullmatch(value):
+        return False
     try:
         parts = urlsplit(value)
+        parts.port  # noqa: B018 (raises on a bad port)
     except ValueError:
         return False
-    return parts.scheme in ("http", "https") and bool(parts.hostname)
+    if parts.scheme not in ("http", "https"):
+        return False
+    host = parts.netloc.rpartition("@")[2]
+    if host.startswith("["):
+        literal, _, rest = host[1:].partition("]")
+        try:
+            ipaddress.IPv6Address(literal)
+        except ValueError:
+            return False
+        return rest == "" or rest[:1] == ":"
+    return bool(_REG_NAME.fullmatch(host.partition(":")[0]))
 
 
 def _header_name(value: str | None, path: str, problems: _Problems) -> str | None:
     if value is None:
         return None
-    if not _HEADER_NAME.match(value):
+    if not _HEADER_NAME.fullmatch(value):
         problems.add(path, "must be a valid HTTP header name")
         return None
     lowered = value.lower()
@@ -182,7 +247,7 @@ def _header_location(raw: Any, path: str, problems: _Problems) -> model.HeaderLo
     obj.finish()
     if name is None:
         return None
-    if not _HEADER_NAME.match(name):
+    if not _HEADER_NAME.fullmatch(name):
         problems.add(f"{path}.name", "must be a valid HTTP header name")
         return None
     return model.HeaderLocation(name=name.lower(), prefix=prefix)
@@ -221,6 +286,9 @@ def _public_keys(obj: _Object) -> tuple[tuple[str, str], ...]:
         path = f"{obj.path}.publicKeys.{kid}"
         if not isinstance(pem, str) or "-----BEGIN" not in pem:
             obj.problems.add(path, "must be a PEM public key or X.509 certificate")
+            continue
+        if len(pem) > MAX_LENGTH["publicKeys"]:
+            obj.problems.add(path, f"must be at most {MAX_LENGTH['publicKeys']} characters")
             continue
         keyset, skipped = keys.parse_pem_keys([(str(kid), pem)])
         if not keyset.keys:
@@ -337,8 +405,8 @@ def _action(value: str | None, path: str, problems: _Problems) -> model.Action |
 
 
 def _path_pattern(raw: Any, path: str, problems: _Problems) -> str | None:
-    value = _string_item(raw, path, problems)
-    if value is not None and not _PATH.match(value):
+    value = _string_item(raw, path, problems, MAX_LENGTH["paths"])
+    if value is not None and not _PATH.fullmatch(value):
         problems.add(
             path, "must start with '/', contain no '?', '#' or spaces, and use '*' only at the end"
         )
@@ -348,7 +416,7 @@ def _path_pattern(raw: Any, path: str, problems: _Problems) -> str | None:
 
 def _method(raw: Any, path: str, problems: _Problems) -> str | None:
     value = _string_item(raw, path, problems)
-    if value is not None and not _METHOD.match(value.upper()):
+    if value is not None and not (value.isascii() and _METHOD.fullmatch(value.upper())):
         problems.add(path, "must be an HTTP method name")
         return None
     return None if value is None else value.upper()
@@ -399,11 +467,11 @@ def _rule(raw: Any, path: str, problems: _Problems) -> model.Rule | None:
 def _metadata(obj: _Object, default_namespace: str) -> tuple[str | None, str, dict[str, Any]]:
     meta = obj.get("metadata", dict, required=True) or {}
     name = meta.get("name")
-    if not isinstance(name, str) or not _DNS_SUBDOMAIN.match(name) or len(name) > 253:
+    if not isinstance(name, str) or not _DNS_SUBDOMAIN.fullmatch(name) or len(name) > 253:
         obj.problems.add("metadata.name", "must be a lower-case DNS subdomain name")
         name = None
     namespace = meta.get("namespace", default_namespace)
-    if not isinstance(namespace, str) or not _DNS_SUBDOMAIN.match(namespace):
+    if not isinstance(namespace, str) or not _DNS_SUBDOMAIN.fullmatch(namespace):
         obj.problems.add("metadata.namespace", "must be a lower-case DNS label")
         namespace = default_namespace
     return name, namespace, meta
@@ -438,6 +506,8 @@ def parse_policy(doc: Any, default_namespace: str = "default") -> model.JWTPolic
         bad = [k for k, v in labels.items() if not isinstance(k, str) or not isinstance(v, str)]
         if bad:
             problems.add("spec.selector.matchLabels", "keys and values must be strings")
+        elif any(len(v) > MAX_LENGTH["matchLabels"] for v in labels.values()):
+            problems.add("spec.selector.matchLabels", "label values must be at most 63 characters")
         match_labels = tuple(sorted((str(k), str(v)) for k, v in labels.items())) or None
         selector.finish()
 

@@ -89,6 +89,30 @@ def test_parse_valid_token() -> None:
             id="deep-nesting-is-too-large",
         ),
         pytest.param("eyJhbGciOiJSUzI1NiJ9.e.c2ln", errors.MalformedToken, id="impossible-length"),
+        pytest.param(raw(b'{"alg":"RS256"}', b'{"exp":NaN}'), errors.MalformedToken, id="exp-nan"),
+        pytest.param(
+            raw(b'{"alg":"RS256"}', b'{"exp":Infinity}'), errors.MalformedToken, id="exp-infinity"
+        ),
+        pytest.param(
+            raw(b'{"alg":"RS256"}', b'{"nbf":-1}'), errors.MalformedToken, id="nbf-negative"
+        ),
+        pytest.param(
+            raw(b'{"alg":"RS256"}', b'{"exp":18446744073709551616}'),
+            errors.MalformedToken,
+            id="exp-beyond-range",
+        ),
+        pytest.param(
+            raw(b'{"alg":"RS256"}', b'{"exp":true}'), errors.MalformedToken, id="exp-bool"
+        ),
+        pytest.param(
+            raw(b'{"alg":"RS256"}', b'{"sub":42}'), errors.MalformedToken, id="sub-number"
+        ),
+        pytest.param(
+            raw(b'{"alg":"RS256"}', b'{"iss":["a"]}'), errors.MalformedToken, id="iss-list"
+        ),
+        pytest.param(
+            raw(b'{"alg":"RS256"}', b'{"aud":["a",5]}'), errors.MalformedToken, id="aud-list-number"
+        ),
     ],
 )
 def test_malformed_tokens(token: str, error: type[Exception]) -> None:

@@ -6,12 +6,13 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv demo test test-unit test-e2e bench proto proto-check lint typecheck clean
+.PHONY: help venv demo test test-unit test-e2e bench bench-micro bench-profile proto proto-check lint clean
 
 help:
 	@echo "make demo   - start dev issuer, sidecar, app and Envoy; walk through requests"
 	@echo "make test   - lint, type-check and run every test (unit + end-to-end with real Envoy)"
-	@echo "make bench  - benchmark (see docs/performance.md)"
+	@echo "make bench  - benchmark through Envoy vs jwt_authn and a no-op server (docs/performance.md)"
+	@echo "make bench-micro / bench-profile - the Check handler in-process, with cProfile output"
 	@echo "make proto  - regenerate Python code from proto/src"
 	@echo "make lint   - ruff + mypy"
 
@@ -37,6 +38,12 @@ test-e2e: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench.py
+
+bench-micro: $(STAMP)
+	$(PY) scripts/bench_micro.py
+
+bench-profile: $(STAMP)
+	$(PY) scripts/bench_micro.py --rounds 1 --profile
 
 proto: $(STAMP)
 	$(PY) scripts/genproto.py

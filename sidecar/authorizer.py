@@ -73,16 +73,14 @@ class Authorizer:
             raise errors.NoPolicy()
         rule = policy.rules.find(method, path)
         if rule.action is Action.ALLOW:
-            return Decision.allow("rule_allow", headers_to_remove=policy.output_headers), None
+            return policy.allow_rule, None
         if rule.action is Action.DENY:
             raise errors.RuleDenied()
 
         found = extract.find_token(policy.locations, headers, path)
         if found is None:
             if rule.action is Action.OPTIONAL:
-                return Decision.allow(
-                    "optional_no_token", headers_to_remove=policy.output_headers
-                ), None
+                return policy.allow_without_token, None
             raise errors.MissingToken()
         verified = await self.authenticator.authenticate(found, policy)
         try:
@@ -90,7 +88,29 @@ class Authorizer:
             claims_mod.require_claims(verified.claims, rule.required_claims)
         except errors.AccessError as exc:
             return Decision.from_error(exc), verified
-        return self._allowed(policy, found, verified, headers), verified
+        return self._allowed_memo(policy, found, verified, headers), verified
+
+    @classmethod
+    def _allowed_memo(
+        cls,
+        policy: CompiledPolicy,
+        found: extract.FoundToken,
+        verified: VerifiedToken,
+        headers: Mapping[str, str],
+    ) -> Decision:
+        """The allowed Decision, reused for a cached token unless it depends on the request.
+
+        The verified token belongs to one compiled policy (through its issuer), so the
+        token location alone keys the memo; a cookie token's decision rewrites the
+        request's other cookies and is never memoised.
+        """
+        if found.location.kind == "cookie":
+            return cls._allowed(policy, found, verified, headers)
+        decision: Decision | None = verified.memo.get(found.location)
+        if decision is None:
+            decision = cls._allowed(policy, found, verified, headers)
+            verified.memo[found.location] = decision
+        return decision
 
     @staticmethod
     def _allowed(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from hashlib import sha256
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +36,9 @@ class VerifiedToken:
     generation: int
     expires_at: float
     size: int
+    #: Results derived from this token alone (the allowed Decision per token location),
+    #: computed once and reused by every later request with the same token.
+    memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 def _time_to_use(_key: bytes, value: VerifiedToken, _now: float) -> float:

@@ -51,11 +51,9 @@ class ParsedToken:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise MalformedToken(f"the token repeats the member {key!r}")
-        out[key] = value
+    out = dict(pairs)  # built in C; a shorter dict means a repeated member name
+    if len(out) != len(pairs):
+        raise MalformedToken("the token repeats a member name")
     return out
 
 

@@ -27,6 +27,10 @@ class Decision:
     headers_to_remove: tuple[str, ...] = ()
     query_params_to_remove: tuple[str, ...] = ()
     metadata: dict[str, Any] | None = field(default=None, compare=False)
+    #: Scratch space for the protocol edge to keep its rendering of an allowed decision.
+    #: Memoised decisions (per cached token, per policy) carry it, so a response is
+    #: built once and lives exactly as long as the cache entry that holds the decision.
+    renderings: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def allow(
@@ -45,6 +49,7 @@ class Decision:
             headers_to_remove=headers_to_remove,
             query_params_to_remove=query_params_to_remove,
             metadata=metadata,
+            renderings={},
         )
 
     @classmethod

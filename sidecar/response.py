@@ -8,14 +8,14 @@ under the `envoy.filters.http.ext_authz` namespace.
 
 Denials are built once per distinct decision and reused (they are immutable
 messages in practice): a denial costs no message building on the hot path.
-Allowed responses are rendered once per Decision *object*: the authorizer
-reuses one Decision for every request with the same cached token, so a cache
-hit renders nothing either. The renderer is never mutated after building.
+Allowed responses are rendered once per Decision and kept in its
+`renderings`: the authorizer reuses one Decision for every request with the
+same cached token, so a cache hit renders nothing either. A rendered message
+is never mutated after it is built.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from functools import lru_cache
 
 from google.protobuf.struct_pb2 import Struct
@@ -67,36 +67,16 @@ def _denied(decision: Decision, realm: str) -> pb.CheckResponse:
     )
 
 
-class _RenderedAllows:
-    """Allowed responses by Decision identity, bounded, least recently used first out.
-
-    The entry keeps the Decision alive, so its id cannot be reused while cached.
-    """
-
-    def __init__(self, size: int = 100_000) -> None:
-        self.size = size
-        self._items: OrderedDict[int, tuple[Decision, pb.CheckResponse]] = OrderedDict()
-
-    def get(self, decision: Decision) -> pb.CheckResponse:
-        key = id(decision)
-        item = self._items.get(key)
-        if item is not None:
-            self._items.move_to_end(key)
-            return item[1]
-        response = _allowed(decision)
-        self._items[key] = (decision, response)
-        if len(self._items) > self.size:
-            self._items.popitem(last=False)
-        return response
-
-
-_RENDERED = _RenderedAllows()
-
-
 def to_check_response(decision: Decision, realm: str) -> pb.CheckResponse:
     if not decision.allowed:
         return _denied(decision, realm)
-    return _RENDERED.get(decision)
+    renderings = decision.renderings
+    if renderings is None:
+        return _allowed(decision)
+    response: pb.CheckResponse | None = renderings.get("envoy")
+    if response is None:
+        response = renderings["envoy"] = _allowed(decision)
+    return response
 
 
 def _allowed(decision: Decision) -> pb.CheckResponse:

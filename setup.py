@@ -10,6 +10,7 @@ from setuptools import find_packages, setup
 COMPONENTS = {
     "lastguard.sidecar": "sidecar",
     "lastguard.proto": "proto",
+    "lastguard.operator": "operator",
 }
 
 packages: list[str] = []

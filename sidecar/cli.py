@@ -10,12 +10,14 @@ import asyncio
 import contextlib
 import json
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from lastguard.sidecar import logs
 from lastguard.sidecar.policy.select import Workload
+from lastguard.sidecar.policy_client import DEFAULT_SNAPSHOT_FILE
 
 
 def _pair(item: str) -> tuple[str, str]:
@@ -31,9 +33,9 @@ def _workload(args: argparse.Namespace) -> Workload | None:
     return Workload.of(args.namespace or "default", dict(args.label))
 
 
-def _add_workload_flags(p: argparse.ArgumentParser) -> None:
+def _add_workload_flags(p: argparse.ArgumentParser, *, file_required: bool = True) -> None:
     p.add_argument(
-        "--policy-file", type=Path, required=True, help="YAML file of JWTPolicy documents"
+        "--policy-file", type=Path, required=file_required, help="YAML file of JWTPolicy documents"
     )
     p.add_argument("--namespace", help="this workload's namespace (selects among several policies)")
     p.add_argument(
@@ -46,13 +48,62 @@ def _add_workload_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+POD_INFO_HELP = """\
+--pod-info-dir expects a downward API volume with these items:
+  volumes:
+  - name: podinfo
+    downwardAPI:
+      items:
+      - {path: namespace, fieldRef: {fieldPath: metadata.namespace}}
+      - {path: labels, fieldRef: {fieldPath: metadata.labels}}
+      - {path: name, fieldRef: {fieldPath: metadata.name}}
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lastguard", description=__doc__)
     parser.add_argument("--log-level", default="info")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    side = sub.add_parser("sidecar", help="run the Envoy ext_authz server")
-    _add_workload_flags(side)
+    side = sub.add_parser(
+        "sidecar",
+        help="run the Envoy ext_authz server",
+        description="Policies come from --policy-file or from the operator (--policy-server).",
+        epilog=POD_INFO_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_workload_flags(side, file_required=False)
+    side.add_argument(
+        "--policy-server",
+        metavar="ADDRESS",
+        help="the operator's policy distribution address (host:port), instead of --policy-file",
+    )
+    side.add_argument(
+        "--policy-server-ca",
+        type=Path,
+        metavar="FILE",
+        help="PEM CA bundle that signed the policy server's certificate (TLS)",
+    )
+    side.add_argument(
+        "--policy-server-insecure",
+        action="store_true",
+        help="talk to the policy server in plaintext (local development only)",
+    )
+    side.add_argument(
+        "--pod-info-dir",
+        type=Path,
+        metavar="DIR",
+        help="downward API volume with this pod's namespace, labels and name (see below)",
+    )
+    side.add_argument(
+        "--snapshot-file",
+        metavar="FILE",
+        help=(
+            "where the last policy snapshot from the policy server is kept, so a restarted "
+            f"sidecar enforces it at once (default: {DEFAULT_SNAPSHOT_FILE}; '' keeps it "
+            "in memory only)"
+        ),
+    )
     side.add_argument("--listen", default="127.0.0.1:9191", help="gRPC address for Envoy")
     side.add_argument(
         "--metrics-listen", default=None, help="Prometheus address, e.g. 127.0.0.1:9090"
@@ -93,11 +144,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _sidecar_source_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the policy source flags, if anything."""
+    if (args.policy_file is None) == (args.policy_server is None):
+        return "give exactly one of --policy-file FILE and --policy-server ADDRESS"
+    if args.pod_info_dir is not None and (args.namespace is not None or args.label):
+        return "--pod-info-dir already gives the namespace and labels; drop --namespace/--label"
+    server_only = [
+        flag
+        for flag, value in (
+            ("--policy-server-ca", args.policy_server_ca),
+            ("--policy-server-insecure", args.policy_server_insecure),
+            ("--snapshot-file", args.snapshot_file),
+        )
+        if value
+    ]
+    if args.policy_server is None:
+        if server_only:
+            return f"{', '.join(server_only)} only apply with --policy-server"
+        return None
+    if args.pod_info_dir is None and args.namespace is None:
+        return (
+            "--policy-server needs this pod's identity: --pod-info-dir DIR (downward API) "
+            "or --namespace NS [--label KEY=VALUE ...]"
+        )
+    if (args.policy_server_ca is None) != args.policy_server_insecure:
+        return (
+            "--policy-server needs exactly one of --policy-server-ca FILE (TLS) and "
+            "--policy-server-insecure (plaintext, local development only)"
+        )
+    return None
+
+
 async def _run_sidecar(args: argparse.Namespace) -> int:
+    from lastguard.sidecar.podinfo import PodInfoError
     from lastguard.sidecar.server import Sidecar, SidecarConfig
 
+    snapshot_file = None
+    if args.policy_server is not None:
+        chosen = DEFAULT_SNAPSHOT_FILE if args.snapshot_file is None else args.snapshot_file
+        snapshot_file = Path(chosen) if chosen else None
     config = SidecarConfig(
         policy_file=args.policy_file,
+        policy_server=args.policy_server,
+        policy_server_ca=args.policy_server_ca,
+        policy_server_insecure=args.policy_server_insecure,
+        snapshot_file=snapshot_file,
+        pod_info_dir=args.pod_info_dir,
+        pod_name=socket.gethostname(),  # a pod's hostname is its name; pod info overrides
         listen=args.listen,
         metrics_listen=args.metrics_listen,
         workload=_workload(args),
@@ -108,7 +202,11 @@ async def _run_sidecar(args: argparse.Namespace) -> int:
         reload_interval=args.reload_interval,
         token_cache_entries=args.token_cache_entries,
     )
-    sidecar = Sidecar(config)
+    try:
+        sidecar = Sidecar(config)
+    except PodInfoError as exc:
+        print(f"lastguard sidecar: {exc}", file=sys.stderr)
+        return 2
     await sidecar.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -160,7 +258,12 @@ async def _run_dev_issuer(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "sidecar":
+        problem = _sidecar_source_problem(args)
+        if problem is not None:
+            parser.error(problem)
     logs.configure(args.log_level)
     runner = {"sidecar": _run_sidecar, "verify": _run_verify, "dev-issuer": _run_dev_issuer}
     with contextlib.suppress(KeyboardInterrupt):

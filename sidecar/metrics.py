@@ -35,3 +35,13 @@ POLICY_RELOADS = Counter(
     ["result"],
 )
 POLICIES_LOADED = Gauge("lastguard_policies_loaded", "Number of JWTPolicies currently loaded.")
+POLICY_SNAPSHOTS = Counter(
+    "lastguard_policy_snapshots_total",
+    "Snapshots received from the policy server, by result (applied, rejected, unchanged); "
+    "their sum is every snapshot received.",
+    ["result"],
+)
+POLICY_SERVER_CONNECTED = Gauge(
+    "lastguard_policy_server_connected",
+    "1 while the stream to the policy server is open and has delivered a snapshot, else 0.",
+)

@@ -1,9 +1,16 @@
 """The sidecar process: gRPC ext_authz + health, metrics, policy and key upkeep.
 
-Lifecycle: `Sidecar.start()` binds every listener and starts the background
-tasks (policy file watch, key refresh); `serve_forever()` waits; `stop()`
-drains in-flight Checks for a grace period, then cancels the tasks and closes
-the HTTP client. gRPC health answers NOT_SERVING until a policy set is loaded.
+Policies come from one source: a local file (`policy_file`, polled) or the
+operator (`policy_server`, streamed by `PolicyClient`). The workload is given
+(`workload`) or read from a downward API volume (`pod_info_dir`).
+
+Lifecycle: `Sidecar.start()` loads what is local (the policy file, or the
+snapshot stored from the operator's last update), binds every listener and
+starts the background tasks (the policy source, key refresh, readiness);
+`serve_forever()` waits; `stop()` drains in-flight Checks for a grace period,
+then cancels the tasks and closes the HTTP client. gRPC health answers
+NOT_SERVING until the store holds a policy set (`PolicyStore.on_ready`), and
+every Check is denied with 503 until then.
 """
 
 from __future__ import annotations
@@ -22,13 +29,14 @@ from prometheus_client import Counter, start_http_server
 
 from lastguard.proto.envoy.service.auth.v3 import external_auth_pb2 as pb
 from lastguard.proto.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
-from lastguard.sidecar import metrics
+from lastguard.sidecar import metrics, podinfo
 from lastguard.sidecar.authenticator import Authenticator
 from lastguard.sidecar.authorizer import Authorizer
 from lastguard.sidecar.decision import Decision
 from lastguard.sidecar.fetch import HttpFetcher
 from lastguard.sidecar.jwks_cache import KeyRegistry
 from lastguard.sidecar.policy.select import Workload
+from lastguard.sidecar.policy_client import PolicyClient
 from lastguard.sidecar.reload import PolicyFile
 from lastguard.sidecar.response import to_check_response
 from lastguard.sidecar.store import PolicyStore
@@ -41,9 +49,23 @@ SERVICE_NAME = "envoy.service.auth.v3.Authorization"
 
 @dataclass(frozen=True)
 class SidecarConfig:
-    """Built once from flags; immutable."""
+    """Built once from flags; immutable.
 
-    policy_file: Path
+    Exactly one of `policy_file` and `policy_server` is set. With `policy_server`,
+    the workload is required (`workload` or `pod_info_dir`, not both), and so is a
+    transport choice: `policy_server_ca` (TLS) or `policy_server_insecure`.
+    `snapshot_file` None keeps the operator's snapshots in memory only.
+    """
+
+    policy_file: Path | None = None
+    policy_server: str | None = None
+    policy_server_ca: Path | None = None
+    policy_server_insecure: bool = False
+    snapshot_file: Path | None = None
+    policy_server_backoff_initial: float = 0.5
+    policy_server_backoff_max: float = 30.0
+    pod_info_dir: Path | None = None
+    pod_name: str = ""
     listen: str = "127.0.0.1:9191"
     metrics_listen: str | None = None
     workload: Workload | None = None
@@ -56,6 +78,18 @@ class SidecarConfig:
     token_cache_entries: int = 100_000
     token_cache_bytes: int = 64 * 1024 * 1024
     extra: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if (self.policy_file is None) == (self.policy_server is None):
+            raise ValueError("set exactly one of policy_file and policy_server")
+        if self.pod_info_dir is not None and self.workload is not None:
+            raise ValueError("set at most one of pod_info_dir and workload")
+        if self.policy_server is None:
+            return
+        if self.pod_info_dir is None and self.workload is None:
+            raise ValueError("policy_server needs the workload: pod_info_dir or workload")
+        if (self.policy_server_ca is None) != self.policy_server_insecure:
+            raise ValueError("policy_server needs exactly one of policy_server_ca and insecure")
 
 
 class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
@@ -94,8 +128,15 @@ class Sidecar:
     def __init__(
         self, config: SidecarConfig, *, key_clock: Callable[[], float] = time.monotonic
     ) -> None:
-        """`key_clock` drives key refresh schedules (tests advance it instead of sleeping)."""
+        """`key_clock` drives key refresh schedules (tests advance it instead of sleeping).
+
+        Raises `podinfo.PodInfoError` when `pod_info_dir` does not describe a pod.
+        """
         self.config = config
+        pod = podinfo.read(config.pod_info_dir) if config.pod_info_dir else None
+        self.workload = pod.workload if pod else config.workload
+        pod_name = pod.pod_name if pod else config.pod_name
+        default_namespace = pod.workload.namespace if pod else config.default_namespace
         self.fetcher = HttpFetcher()
         self.registry = KeyRegistry(self.fetcher, key_clock)
         cache = TokenCache(
@@ -107,8 +148,26 @@ class Sidecar:
             log_claims=config.log_claims,
         )
         self.health = health.aio.HealthServicer()
-        self.store = PolicyStore(self.authorizer, self.registry, config.workload)
-        self.policy_file = PolicyFile(config.policy_file, self.store, config.default_namespace)
+        self._ready = asyncio.Event()
+        self.store = PolicyStore(
+            self.authorizer, self.registry, self.workload, on_ready=self._ready.set
+        )
+        self.policy_file: PolicyFile | None = None
+        self.policy_client: PolicyClient | None = None
+        if config.policy_file is not None:
+            self.policy_file = PolicyFile(config.policy_file, self.store, default_namespace)
+        else:
+            assert config.policy_server is not None and self.workload is not None
+            self.policy_client = PolicyClient(
+                config.policy_server,
+                self.workload,
+                pod_name,
+                self.store,
+                snapshot_file=config.snapshot_file,
+                tls_ca=config.policy_server_ca,
+                backoff_initial=config.policy_server_backoff_initial,
+                backoff_max=config.policy_server_backoff_max,
+            )
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -136,12 +195,14 @@ class Sidecar:
         if self.config.metrics_listen:
             host, _, port = self.config.metrics_listen.rpartition(":")
             self._metrics_server = start_http_server(int(port), addr=host or "0.0.0.0")  # noqa: S104
-        self.policy_file.load()
+        self._load_local()
+        readiness = asyncio.create_task(self._serving_when_ready())
+        self._tasks = [readiness]
         if self.store.loaded:
-            await self._set_serving(True)
+            await readiness  # SERVING before the port opens: no window of 503s
         await self.server.start()
-        self._tasks = [
-            asyncio.create_task(self._watch_policy()),
+        self._tasks += [
+            asyncio.create_task(self._keep_policy_current()),
             asyncio.create_task(self.registry.run()),
         ]
         log.info(
@@ -149,13 +210,24 @@ class Sidecar:
             extra={"fields": {"grpc": f"{self.config.listen.rpartition(':')[0]}:{self.port}"}},
         )
 
-    async def _watch_policy(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.reload_interval)
-            was_loaded = self.store.loaded
+    def _load_local(self) -> None:
+        """Applies what is on disk now: the policy file, or the stored snapshot."""
+        if self.policy_file is not None:
             self.policy_file.load()
-            if self.store.loaded and not was_loaded:
-                await self._set_serving(True)
+        elif self.policy_client is not None:
+            self.policy_client.load_snapshot_file()
+
+    async def _keep_policy_current(self) -> None:
+        """Polls the policy file, or streams from the policy server, until cancelled."""
+        if self.policy_file is not None:
+            await self.policy_file.watch(self.config.reload_interval)
+        elif self.policy_client is not None:
+            await self.policy_client.run()
+
+    async def _serving_when_ready(self) -> None:
+        """Health follows the store: SERVING from its first applied policy set on."""
+        await self._ready.wait()
+        await self._set_serving(True)
 
     async def serve_forever(self) -> None:
         assert self.server is not None

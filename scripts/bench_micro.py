@@ -153,7 +153,8 @@ EXPECTED = {
 }
 
 
-def status_of(response: pb.CheckResponse) -> int:
+def status_of(wire: bytes) -> int:
+    response = pb.CheckResponse.FromString(wire)
     return 200 if response.HasField("ok_response") else int(response.denied_response.status.code)
 
 

@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     side.add_argument("--reload-interval", type=float, default=1.0)
     side.add_argument("--token-cache-entries", type=int, default=100_000)
+    side.add_argument(
+        "--token-cache-mib",
+        type=int,
+        default=64,
+        help="memory bound of the verified-token cache (about 4 KB per token)",
+    )
 
     ver = sub.add_parser("verify", help="decide one request offline and explain why")
     _add_workload_flags(ver)
@@ -201,6 +207,7 @@ async def _run_sidecar(args: argparse.Namespace) -> int:
         log_claims=args.log_claims,
         reload_interval=args.reload_interval,
         token_cache_entries=args.token_cache_entries,
+        token_cache_bytes=args.token_cache_mib * 1024 * 1024,
     )
     try:
         sidecar = Sidecar(config)

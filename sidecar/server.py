@@ -20,7 +20,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -28,7 +28,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import Counter, start_http_server
 
 from lastguard.proto.envoy.service.auth.v3 import external_auth_pb2 as pb
-from lastguard.proto.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from lastguard.sidecar import metrics, podinfo
 from lastguard.sidecar.authenticator import Authenticator
 from lastguard.sidecar.authorizer import Authorizer
@@ -38,7 +37,7 @@ from lastguard.sidecar.jwks_cache import KeyRegistry
 from lastguard.sidecar.policy.select import Workload
 from lastguard.sidecar.policy_client import PolicyClient
 from lastguard.sidecar.reload import PolicyFile
-from lastguard.sidecar.response import to_check_response
+from lastguard.sidecar.response import render
 from lastguard.sidecar.store import PolicyStore
 from lastguard.sidecar.token_cache import TokenCache
 
@@ -77,7 +76,6 @@ class SidecarConfig:
     grace_seconds: float = 5.0
     token_cache_entries: int = 100_000
     token_cache_bytes: int = 64 * 1024 * 1024
-    extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if (self.policy_file is None) == (self.policy_server is None):
@@ -92,7 +90,12 @@ class SidecarConfig:
             raise ValueError("policy_server needs exactly one of policy_server_ca and insecure")
 
 
-class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
+def _serialize(response: bytes | pb.CheckResponse) -> bytes:
+    """Responses are usually pre-serialized (see `response.render`); pass those through."""
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+class AuthorizationService:
     """Envoy's Check: always answers with a decision, never with a gRPC error."""
 
     def __init__(self, authorizer: Authorizer, realm: str) -> None:
@@ -113,15 +116,24 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
     async def Check(
         self,
         request: pb.CheckRequest,
-        context: grpc.aio.ServicerContext[pb.CheckRequest, pb.CheckResponse],
-    ) -> pb.CheckResponse:
+        context: grpc.aio.ServicerContext[pb.CheckRequest, bytes] | None,
+    ) -> bytes:
         started = time.perf_counter()
         http = request.attributes.request.http
         decision = await self.authorizer.check(http.method, http.path, http.headers)
-        response = to_check_response(decision, self.realm)
+        response = render(decision, self.realm)
         self._count(decision)
         metrics.CHECK_SECONDS.observe(time.perf_counter() - started)
         return response
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The gRPC registration of Check, with the bytes pass-through serializer."""
+        check = grpc.unary_unary_rpc_method_handler(
+            self.Check,
+            request_deserializer=pb.CheckRequest.FromString,
+            response_serializer=_serialize,
+        )
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, {"Check": check})
 
 
 class Sidecar:
@@ -184,9 +196,8 @@ class Sidecar:
 
     async def start(self) -> None:
         self.server = grpc.aio.server()
-        pb_grpc.add_AuthorizationServicer_to_server(
-            AuthorizationService(self.authorizer, self.config.realm), self.server
-        )
+        service = AuthorizationService(self.authorizer, self.config.realm)
+        self.server.add_generic_rpc_handlers((service.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = self.server.add_insecure_port(self.config.listen)
         if self.port == 0:

@@ -24,8 +24,11 @@ from cachetools import TLRUCache
 if TYPE_CHECKING:
     from lastguard.sidecar.compile import CompiledIssuer
 
-#: Fixed overhead per entry (digest, entry object, cache bookkeeping), in bytes.
-_ENTRY_OVERHEAD = 400
+#: Measured resident cost of one entry (claims, decision, serialized response, cache
+#: bookkeeping): about 3.3 KB plus 2.7 bytes per byte of encoded payload (Python 3.11,
+#: protobuf 7; see docs/performance.md). Used to keep the byte bound honest.
+_ENTRY_OVERHEAD = 3300
+_BYTES_PER_PAYLOAD_BYTE = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,8 +89,7 @@ class TokenCache:
             payload_segment=payload_segment,
             generation=generation,
             expires_at=expires_at,
-            # The decoded claims take a few times the encoded payload's size.
-            size=_ENTRY_OVERHEAD + 4 * len(payload_segment),
+            size=_ENTRY_OVERHEAD + _BYTES_PER_PAYLOAD_BYTE * len(payload_segment),
         )
         if entry.size > self._cache.maxsize:
             return entry

@@ -58,7 +58,7 @@ def _denied(decision: Decision, realm: str) -> bytes:
         headers.append(_header("www-authenticate", challenge))
     if decision.status == 503:
         headers.append(_header("retry-after", "5"))
-    return pb.CheckResponse(
+    wire: bytes = pb.CheckResponse(
         status=status_pb2.Status(code=_rpc_code(decision.status), message=decision.reason),
         denied_response=pb.DeniedHttpResponse(
             status=http_status_pb2.HttpStatus(code=decision.status),  # type: ignore[arg-type]
@@ -66,6 +66,7 @@ def _denied(decision: Decision, realm: str) -> bytes:
             body=decision.body(),
         ),
     ).SerializeToString()
+    return wire
 
 
 def render(decision: Decision, realm: str) -> bytes:
@@ -81,11 +82,6 @@ def render(decision: Decision, realm: str) -> bytes:
     return response
 
 
-def to_check_response(decision: Decision, realm: str) -> pb.CheckResponse:
-    """The CheckResponse message for a decision (for tools and tests; the server sends bytes)."""
-    return pb.CheckResponse.FromString(render(decision, realm))
-
-
 def _allowed(decision: Decision) -> bytes:
     ok = pb.OkHttpResponse(
         headers=[_header(name, value) for name, value in decision.headers_to_set],
@@ -97,4 +93,5 @@ def _allowed(decision: Decision) -> bytes:
         metadata = Struct()
         metadata.update(decision.metadata)
         response.dynamic_metadata.CopyFrom(metadata)
-    return response.SerializeToString()
+    wire: bytes = response.SerializeToString()
+    return wire

@@ -108,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     side.add_argument(
         "--metrics-listen", default=None, help="Prometheus address, e.g. 127.0.0.1:9090"
     )
+    side.add_argument(
+        "--health-listen",
+        default=None,
+        help="HTTP address for Kubernetes probes: GET /healthz and /readyz (e.g. 0.0.0.0:9091)",
+    )
     side.add_argument("--realm", default="lastguard", help="realm in WWW-Authenticate challenges")
     side.add_argument(
         "--allow-without-policy",
@@ -200,6 +205,7 @@ async def _run_sidecar(args: argparse.Namespace) -> int:
         pod_name=socket.gethostname(),  # a pod's hostname is its name; pod info overrides
         listen=args.listen,
         metrics_listen=args.metrics_listen,
+        health_listen=args.health_listen,
         workload=_workload(args),
         default_namespace=args.namespace or "default",
         realm=args.realm,

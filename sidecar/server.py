@@ -24,11 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import Counter, start_http_server
 
 from lastguard.proto.envoy.service.auth.v3 import external_auth_pb2 as pb
-from lastguard.sidecar import metrics, podinfo
+from lastguard.sidecar import health_http, metrics, podinfo
 from lastguard.sidecar.authenticator import Authenticator
 from lastguard.sidecar.authorizer import Authorizer
 from lastguard.sidecar.decision import Decision
@@ -67,6 +68,8 @@ class SidecarConfig:
     pod_name: str = ""
     listen: str = "127.0.0.1:9191"
     metrics_listen: str | None = None
+    #: HTTP /healthz and /readyz for Kubernetes probes (Check itself stays on `listen`).
+    health_listen: str | None = None
     workload: Workload | None = None
     default_namespace: str = "default"
     realm: str = "lastguard"
@@ -184,6 +187,7 @@ class Sidecar:
         self.port: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._metrics_server: object | None = None
+        self._health_runner: web.AppRunner | None = None
 
     async def _set_serving(self, serving: bool) -> None:
         status = (
@@ -206,6 +210,10 @@ class Sidecar:
         if self.config.metrics_listen:
             host, _, port = self.config.metrics_listen.rpartition(":")
             self._metrics_server = start_http_server(int(port), addr=host or "0.0.0.0")  # noqa: S104
+        if self.config.health_listen:
+            self._health_runner = await health_http.serve(
+                self.config.health_listen, lambda: self.store.loaded
+            )
         self._load_local()
         readiness = asyncio.create_task(self._serving_when_ready())
         self._tasks = [readiness]
@@ -255,6 +263,8 @@ class Sidecar:
                 await task
         await self.registry.close()
         await self.fetcher.close()
+        if self._health_runner is not None:
+            await self._health_runner.cleanup()
         if self._metrics_server is not None:
             server = self._metrics_server[0] if isinstance(self._metrics_server, tuple) else None
             if server is not None:

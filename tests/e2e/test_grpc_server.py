@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -195,3 +196,42 @@ async def test_metrics_endpoint(tmp_path: Path) -> None:
         await sidecar.stop()
     assert 'lastguard_decisions_total{reason="not_ready",result="deny"}' in body
     assert "lastguard_check_duration_seconds_bucket" in body
+
+
+async def test_http_probes_follow_policy_loading(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    policy_file = tmp_path / "policy.yaml"
+    sidecar = Sidecar(
+        SidecarConfig(
+            policy_file=policy_file,
+            listen="127.0.0.1:0",
+            health_listen=f"127.0.0.1:{port}",
+            reload_interval=0.1,
+        )
+    )
+
+    def get(path: str) -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
+                return int(reply.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+
+    await sidecar.start()
+    try:
+        assert await asyncio.to_thread(get, "/healthz") == 200
+        assert await asyncio.to_thread(get, "/readyz") == 503
+        issuer = devissuer.DevIssuer("https://idp.example")
+        policy_file.write_text(policy_yaml(issuer.url, "https://idp.example/jwks"))
+
+        async def ready() -> None:
+            while await asyncio.to_thread(get, "/readyz") != 200:
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(ready(), 5)
+    finally:
+        await sidecar.stop()

@@ -54,11 +54,12 @@ proto-check: $(STAMP)
 # mypy reads the installed import names through a tree of links (lastguard/sidecar -> sidecar/).
 TYPECHECK := build/typecheck
 lint: $(STAMP)
-	$(VENV)/bin/ruff check sidecar tests scripts setup.py
+	$(VENV)/bin/ruff check sidecar operator tests scripts setup.py
 	@mkdir -p $(TYPECHECK)/lastguard
 	@ln -sfn ../../../sidecar $(TYPECHECK)/lastguard/sidecar
 	@ln -sfn ../../../proto $(TYPECHECK)/lastguard/proto
-	cd $(TYPECHECK) && MYPYPATH=. ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p lastguard.sidecar
+	@ln -sfn ../../../operator $(TYPECHECK)/lastguard/operator
+	cd $(TYPECHECK) && MYPYPATH=. ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p lastguard.sidecar -p lastguard.operator
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .demo .bench

@@ -1,4 +1,4 @@
-"""The `lastguard` command: `sidecar`, `verify` and `dev-issuer` subcommands.
+"""The `lastguard` command: `sidecar`, `operator`, `verify` and `dev-issuer` subcommands.
 
 Flags are parsed into frozen config objects here and nowhere else.
 """
@@ -60,7 +60,9 @@ POD_INFO_HELP = """\
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(operator_flags: bool = True) -> argparse.ArgumentParser:
+    """The full parser; `operator_flags=False` leaves out the operator's flags, whose
+    definition imports kopf and the Kubernetes client (the sidecar must not load them)."""
     parser = argparse.ArgumentParser(prog="lastguard", description=__doc__)
     parser.add_argument("--log-level", default="info")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="extra request header",
     )
 
+    op = sub.add_parser(
+        "operator", help="watch JWTPolicies, write their status, stream them to sidecars"
+    )
+    if operator_flags:
+        _add_operator_flags(op)
+
     dev = sub.add_parser("dev-issuer", help="serve a JWKS and mint tokens (demos and tests only)")
     dev.add_argument("--listen", default="127.0.0.1:9000")
     dev.add_argument("--issuer", default=None, help="issuer URL (default: http://LISTEN)")
@@ -185,6 +193,33 @@ def _sidecar_source_problem(args: argparse.Namespace) -> str | None:
             "--policy-server-insecure (plaintext, local development only)"
         )
     return None
+
+
+def _add_operator_flags(parser: argparse.ArgumentParser) -> None:
+    # Imported here so the sidecar never loads kopf or the Kubernetes client.
+    from lastguard.operator import main as operator_main
+    from lastguard.operator import webhook
+
+    operator_main.add_arguments(parser)
+    webhook.add_webhook_arguments(parser)
+
+
+async def _run_operator(args: argparse.Namespace) -> int:
+    from lastguard.operator import main as operator_main
+    from lastguard.operator import webhook
+
+    handle = None
+    if webhook.enabled(args):
+        try:
+            handle = await webhook.start_webhook(args)
+        except webhook.WebhookError as exc:
+            print(f"lastguard operator: {exc}", file=sys.stderr)
+            return 2
+    try:
+        return await operator_main.run(args)
+    finally:
+        if handle is not None:
+            await handle.close()
 
 
 async def _run_sidecar(args: argparse.Namespace) -> int:
@@ -270,15 +305,32 @@ async def _run_dev_issuer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _subcommand(argv: Sequence[str]) -> str | None:
+    """The subcommand named in argv (the first positional after the global options)."""
+    args = iter(argv)
+    for arg in args:
+        if arg == "--log-level":
+            next(args, None)
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(operator_flags=_subcommand(argv) == "operator")
     args = parser.parse_args(argv)
     if args.command == "sidecar":
         problem = _sidecar_source_problem(args)
         if problem is not None:
             parser.error(problem)
     logs.configure(args.log_level)
-    runner = {"sidecar": _run_sidecar, "verify": _run_verify, "dev-issuer": _run_dev_issuer}
+    runner = {
+        "sidecar": _run_sidecar,
+        "verify": _run_verify,
+        "dev-issuer": _run_dev_issuer,
+        "operator": _run_operator,
+    }
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(runner[args.command](args))
     return 130

@@ -174,3 +174,23 @@ def test_cli_rejects_bad_flags(tmp_path: Path) -> None:
     result = lastguard("sidecar", "--policy-file", str(tmp_path / "p.yaml"), "--label", "novalue")
     assert result.returncode == 2
     assert "expected KEY=VALUE, got 'novalue'" in result.stderr
+
+
+def test_sidecar_command_does_not_load_the_operator_stack() -> None:
+    code = (
+        "import sys\n"
+        "from lastguard.sidecar import cli\n"
+        "try:\n    cli.main(['sidecar', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('kopf', 'kubernetes') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_operator_help_lists_operator_and_webhook_flags() -> None:
+    result = lastguard("--log-level", "warning", "operator", "--help")
+    assert result.returncode == 0, result.stderr
+    for flag in ("--leader-election", "--webhook-cert", "--inject-image", "--tls-cert"):
+        assert flag in result.stdout

@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv demo test test-unit test-e2e bench bench-micro bench-profile proto proto-check lint clean
+.PHONY: help venv demo test test-unit test-e2e bench bench-micro bench-profile proto proto-check lint manifests image clean
 
 help:
 	@echo "make demo   - start dev issuer, sidecar, app and Envoy; walk through requests"
@@ -15,6 +15,8 @@ help:
 	@echo "make bench-micro / bench-profile - the Check handler in-process, with cProfile output"
 	@echo "make proto  - regenerate Python code from proto/src"
 	@echo "make lint   - ruff + mypy"
+	@echo "make manifests - re-render manifests/install.yaml from the chart"
+	@echo "make image  - docker build (needs a Docker engine)"
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +46,12 @@ bench-micro: $(STAMP)
 
 bench-profile: $(STAMP)
 	$(PY) scripts/bench_micro.py --rounds 1 --profile
+
+manifests: $(STAMP)
+	$(PY) scripts/render_manifests.py
+
+image:
+	docker build -t lastguard:0.1.0 .
 
 proto: $(STAMP)
 	$(PY) scripts/genproto.py

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from prometheus_client import Counter, Gauge, Histogram
@@ -436,6 +437,52 @@ class DistributionServer(pb_grpc.PolicyDistributionServicer):  # type: ignore[mi
         self._changed()
 
 
+class _CertificateFiles:
+    """Fetches the TLS configuration again whenever the PEM files change.
+
+    gRPC calls `fetch` before each new handshake; returning None keeps the
+    current configuration. So a certificate renewed on disk (cert-manager, a
+    Secret update) is served to the next connecting sidecar with no restart; a
+    pair that fails to read keeps the last good one.
+    """
+
+    def __init__(self, tls: TlsFiles) -> None:
+        self.tls = tls
+        self.initial = self._configuration()
+        self._seen = self._stamp()
+
+    def _stamp(self) -> tuple[int, ...]:
+        files = [self.tls.cert, self.tls.key, *([self.tls.client_ca] if self.tls.client_ca else [])]
+        return tuple(f.stat().st_mtime_ns for f in files)
+
+    def _configuration(self) -> Any:
+        return grpc.ssl_server_certificate_configuration(
+            [(self.tls.key.read_bytes(), self.tls.cert.read_bytes())],
+            root_certificates=self.tls.client_ca.read_bytes() if self.tls.client_ca else None,
+        )
+
+    def fetch(self) -> Any:
+        try:
+            stamp = self._stamp()
+            if stamp == self._seen:
+                return None
+            configuration = self._configuration()
+        except OSError as exc:
+            log.warning("policy TLS files unreadable; serving the last good ones: %s", exc)
+            return None
+        self._seen = stamp
+        log.info("policy TLS certificate reloaded", extra={"fields": {"cert": str(self.tls.cert)}})
+        return configuration
+
+
+def reloading_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
+    """Server credentials that pick up renewed certificate files (see _CertificateFiles)."""
+    files = _CertificateFiles(tls)
+    return grpc.dynamic_ssl_server_credentials(
+        files.initial, files.fetch, require_client_authentication=tls.client_ca is not None
+    )
+
+
 async def serve(server: DistributionServer, address: str, tls: TlsFiles | None) -> grpc.aio.Server:
     """Binds `server` on `address` (TLS when `tls` is given, else plaintext) and starts it.
 
@@ -447,12 +494,7 @@ async def serve(server: DistributionServer, address: str, tls: TlsFiles | None) 
     if tls is None:
         port = grpc_server.add_insecure_port(address)
     else:
-        credentials = grpc.ssl_server_credentials(
-            [(tls.key.read_bytes(), tls.cert.read_bytes())],
-            root_certificates=tls.client_ca.read_bytes() if tls.client_ca else None,
-            require_client_auth=tls.client_ca is not None,
-        )
-        port = grpc_server.add_secure_port(address, credentials)
+        port = grpc_server.add_secure_port(address, reloading_credentials(tls))
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     await grpc_server.start()

@@ -509,6 +509,23 @@ async def test_tls_with_the_right_ca(fleet: Fleet, idp: DevIssuer) -> None:
     assert state is not None and state.peer.startswith("ipv4:127.0.0.1:")
 
 
+async def test_renewed_certificate_is_served_without_a_restart(
+    fleet: Fleet, idp: DevIssuer, tmp_path: Path
+) -> None:
+    fleet.index.upsert(jwt_policy(idp, "web", "web", {"app": "web"}))
+    operator = await fleet.operator(tls=True)
+    first = await fleet.pod("web-1", {"app": "web"}, operator.port, ca=fleet.tls.ca)
+    await operator.until(lambda: operator.current("web-1"))
+    assert await first.status("web") == 200
+
+    renewed = certs.write_server_tls(tmp_path / "renewed")  # a new CA and certificate
+    fleet.tls.cert.write_bytes(renewed.cert.read_bytes())
+    fleet.tls.key.write_bytes(renewed.key.read_bytes())
+    second = await fleet.pod("web-2", {"app": "web"}, operator.port, ca=renewed.ca)
+    await operator.until(lambda: operator.current("web-2"))
+    assert await second.status("web") == 200
+
+
 @pytest.mark.parametrize("ca", ["wrong_ca", None], ids=["wrong-ca", "plaintext-client"])
 async def test_tls_without_the_right_ca_never_becomes_ready(
     fleet: Fleet, idp: DevIssuer, client_log: LogWatch, ca: str | None

@@ -127,6 +127,13 @@ def build_parser(operator_flags: bool = True) -> argparse.ArgumentParser:
     side.add_argument("--reload-interval", type=float, default=1.0)
     side.add_argument("--token-cache-entries", type=int, default=100_000)
     side.add_argument(
+        "--gc-full-interval",
+        type=float,
+        default=600.0,
+        help="seconds between scheduled full garbage collections, which replace the "
+        "automatic ones that pause Check (0: Python's defaults)",
+    )
+    side.add_argument(
         "--token-cache-mib",
         type=int,
         default=64,
@@ -241,6 +248,7 @@ async def _run_sidecar(args: argparse.Namespace) -> int:
         listen=args.listen,
         metrics_listen=args.metrics_listen,
         health_listen=args.health_listen,
+        gc_full_interval=args.gc_full_interval,
         workload=_workload(args),
         default_namespace=args.namespace or "default",
         realm=args.realm,

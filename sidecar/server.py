@@ -24,12 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import Counter, start_http_server
 
 from lastguard.proto.envoy.service.auth.v3 import external_auth_pb2 as pb
-from lastguard.sidecar import health_http, metrics, podinfo
+from lastguard.sidecar import gc_tuning, health_http, metrics, podinfo
 from lastguard.sidecar.authenticator import Authenticator
 from lastguard.sidecar.authorizer import Authorizer
 from lastguard.sidecar.decision import Decision
@@ -70,6 +69,9 @@ class SidecarConfig:
     metrics_listen: str | None = None
     #: HTTP /healthz and /readyz for Kubernetes probes (Check itself stays on `listen`).
     health_listen: str | None = None
+    #: Seconds between scheduled full garbage collections (see gc_tuning); 0: Python's
+    #: default collector settings.
+    gc_full_interval: float = 0.0
     workload: Workload | None = None
     default_namespace: str = "default"
     realm: str = "lastguard"
@@ -187,7 +189,7 @@ class Sidecar:
         self.port: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._metrics_server: object | None = None
-        self._health_runner: web.AppRunner | None = None
+        self._health_server: asyncio.Server | None = None
 
     async def _set_serving(self, serving: bool) -> None:
         status = (
@@ -211,7 +213,7 @@ class Sidecar:
             host, _, port = self.config.metrics_listen.rpartition(":")
             self._metrics_server = start_http_server(int(port), addr=host or "0.0.0.0")  # noqa: S104
         if self.config.health_listen:
-            self._health_runner = await health_http.serve(
+            self._health_server = await health_http.serve(
                 self.config.health_listen, lambda: self.store.loaded
             )
         self._load_local()
@@ -224,6 +226,11 @@ class Sidecar:
             asyncio.create_task(self._keep_policy_current()),
             asyncio.create_task(self.registry.run()),
         ]
+        if self.config.gc_full_interval > 0:
+            gc_tuning.configure()
+            self._tasks.append(
+                asyncio.create_task(gc_tuning.collect_periodically(self.config.gc_full_interval))
+            )
         log.info(
             "lastguard sidecar listening",
             extra={"fields": {"grpc": f"{self.config.listen.rpartition(':')[0]}:{self.port}"}},
@@ -263,8 +270,9 @@ class Sidecar:
                 await task
         await self.registry.close()
         await self.fetcher.close()
-        if self._health_runner is not None:
-            await self._health_runner.cleanup()
+        if self._health_server is not None:
+            self._health_server.close()
+            await self._health_server.wait_closed()
         if self._metrics_server is not None:
             server = self._metrics_server[0] if isinstance(self._metrics_server, tuple) else None
             if server is not None:

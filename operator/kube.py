@@ -8,8 +8,9 @@ against an HTTP mock of the API server.
 loop: standalone (no peering), kopf's own Events off, and a single
 event-watching handler, which kopf neither retries nor records in the objects
 (no finalizers, no annotations). What kopf does not offer (the reads of a
-resync, status patches, Events, Leases) goes through the official
-`kubernetes` client; it is synchronous, so every call runs in a worker thread.
+resync, status patches, Events, Leases, and the namespaces and ConfigMaps of
+the CA bundle publisher) goes through the official `kubernetes` client; it is
+synchronous, so every call runs in a worker thread.
 
 Errors: a failed call raises one of this module's `ApiError` types with the
 client's exception as the cause: `Conflict` (409: re-read, then retry),
@@ -106,7 +107,7 @@ class Lease:
 
 @dataclass(frozen=True, slots=True)
 class EventRecord:
-    """A core/v1 Event about one JWTPolicy."""
+    """A core/v1 Event about one namespaced object: a JWTPolicy unless `kind` says otherwise."""
 
     namespace: str
     name: str
@@ -117,6 +118,8 @@ class EventRecord:
     time: datetime.datetime
     component: str = "lastguard-operator"
     instance: str = ""
+    kind: str = KIND
+    api_version: str = API_VERSION
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +178,31 @@ class KubeApi(Protocol):
 
     async def replace_lease(self, namespace: str, name: str, lease: Lease) -> Lease:
         """Replaces the Lease; `Conflict` unless `lease.resource_version` is current."""
+        ...
+
+    async def list_namespaces(self, label_selector: str) -> list[dict[str, Any]]:
+        """The namespaces the selector matches, as the API server's cache has them.
+
+        The cache may lag a little behind the latest write; callers filter by label too.
+        """
+        ...
+
+    async def list_configmaps(self, name: str) -> list[dict[str, Any]]:
+        """The ConfigMaps called `name` in every namespace, as the API server's cache has them."""
+        ...
+
+    async def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The ConfigMap as it is now (not from the cache)."""
+        ...
+
+    async def create_configmap(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Creates the ConfigMap; `Conflict` if it exists, `NotFound` if the namespace does not."""
+        ...
+
+    async def replace_configmap(
+        self, namespace: str, name: str, body: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Replaces the ConfigMap; `Conflict` unless the body's resourceVersion is current."""
         ...
 
 
@@ -291,8 +319,8 @@ class ClusterApi:
             "kind": "Event",
             "metadata": {"generateName": f"{event.name}.", "namespace": event.namespace},
             "involvedObject": {
-                "apiVersion": API_VERSION,
-                "kind": KIND,
+                "apiVersion": event.api_version,
+                "kind": event.kind,
                 "namespace": event.namespace,
                 "name": event.name,
                 **({"uid": event.uid} if event.uid else {}),
@@ -338,6 +366,58 @@ class ClusterApi:
             _preload_content=False,
         )
         return _lease_from(json.loads(raw.data))
+
+    # --- namespaces and ConfigMaps (the CA bundle publisher) ---
+
+    async def list_namespaces(self, label_selector: str) -> list[dict[str, Any]]:
+        # resourceVersion "0": served from the API server's watch cache, not a read of etcd.
+        raw = await self._call(
+            self._core.list_namespace,
+            label_selector=label_selector,
+            resource_version="0",
+            _preload_content=False,
+        )
+        return list(json.loads(raw.data).get("items") or [])
+
+    async def list_configmaps(self, name: str) -> list[dict[str, Any]]:
+        # From the watch cache: a field selector cannot spare etcd a read of every ConfigMap.
+        raw = await self._call(
+            self._core.list_config_map_for_all_namespaces,
+            field_selector=f"metadata.name={name}",
+            resource_version="0",
+            _preload_content=False,
+        )
+        return list(json.loads(raw.data).get("items") or [])
+
+    async def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            raw = await self._call(
+                self._core.read_namespaced_config_map, name, namespace, _preload_content=False
+            )
+        except NotFound:
+            return None
+        found: dict[str, Any] = json.loads(raw.data)
+        return found
+
+    async def create_configmap(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        raw = await self._call(
+            self._core.create_namespaced_config_map, namespace, dict(body), _preload_content=False
+        )
+        created: dict[str, Any] = json.loads(raw.data)
+        return created
+
+    async def replace_configmap(
+        self, namespace: str, name: str, body: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        raw = await self._call(
+            self._core.replace_namespaced_config_map,
+            name,
+            namespace,
+            dict(body),
+            _preload_content=False,
+        )
+        replaced: dict[str, Any] = json.loads(raw.data)
+        return replaced
 
     async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Runs one client call in a worker thread; failures become ApiErrors."""

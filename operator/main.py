@@ -3,15 +3,17 @@
 The CLI calls `add_arguments(parser)` and `run(args)`. Flags become one frozen
 `OperatorConfig`; `Operator` wires the Kubernetes adapter (`kube.ClusterApi`:
 kopf for the watch, the official client for the rest), the controller, the
-distribution server, leader election, health and metrics endpoints.
+distribution server, leader election, health and metrics endpoints, and with
+`--publish-ca-bundle` the CA bundle publisher (`ca_publisher`, leader only).
 
-Start order: metrics, health, then the elector and the controller (whose
-watch starts kopf); the distribution (gRPC) starts serving sidecars once the
-first full list is in the index, so that no sidecar ever gets a snapshot that
-misses policies which exist. Stop order: the distribution first (sidecars keep
-their policy and reconnect to another replica), the health endpoint, the
-elector (the Lease is released), the controller (kopf last: when it stops it
-waits for, then cancels, every task created after it started), the clients.
+Start order: metrics, health, then the CA publisher, the elector and the
+controller (whose watch starts kopf); the distribution (gRPC) starts serving
+sidecars once the first full list is in the index, so that no sidecar ever gets
+a snapshot that misses policies which exist. Stop order: the distribution
+first (sidecars keep their policy and reconnect to another replica), the
+health endpoint, the CA publisher (before the Lease goes), the elector (the
+Lease is released), the controller (kopf last: when it stops it waits for,
+then cancels, every task created after it started), the clients.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import time
@@ -31,13 +34,16 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import start_http_server
 
-from lastguard.operator import controller, kube, leader
+from lastguard.operator import ca_publisher, controller, kube, leader
 from lastguard.operator.index import PolicyIndex
 from lastguard.sidecar import fetch, jwks_cache
 
 log = logging.getLogger("lastguard.operator")
 
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+#: A Kubernetes object name such as a ConfigMap's (a DNS-1123 subdomain).
+_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_DNS_SUBDOMAIN = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(\.{_LABEL})*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +68,11 @@ class OperatorConfig:
     resync_interval: float = 300.0
     status_interval: float = 2.0
     grace_seconds: float = 5.0
+    #: The PEM CA bundle to publish as a ConfigMap in every namespace with injection
+    #: enabled; None: publish nothing.
+    ca_bundle: Path | None = None
+    ca_configmap: str = "lastguard-ca"
+    ca_publish_interval: float = 10.0
 
 
 # --- flags -------------------------------------------------------------------------------
@@ -116,8 +127,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="API server URL, without TLS verification (tests and local development only)",
     )
+    parser.add_argument(
+        "--publish-ca-bundle",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help=(
+            "publish this PEM CA bundle (re-read on change) as a ConfigMap in every namespace "
+            f"labelled {ca_publisher.INJECTION_LABEL}={ca_publisher.INJECTION_ENABLED}, "
+            "for injected sidecars to mount (default: publish nothing)"
+        ),
+    )
+    parser.add_argument(
+        "--ca-configmap-name",
+        default="lastguard-ca",
+        help="the ConfigMap --publish-ca-bundle writes (data key ca.crt; default lastguard-ca)",
+    )
     parser.add_argument("--resync-interval", type=float, default=300.0, help=argparse.SUPPRESS)
     parser.add_argument("--status-interval", type=float, default=2.0, help=argparse.SUPPRESS)
+    parser.add_argument("--ca-publish-interval", type=float, default=10.0, help=argparse.SUPPRESS)
 
 
 def config_from(args: argparse.Namespace) -> OperatorConfig:
@@ -128,6 +156,8 @@ def config_from(args: argparse.Namespace) -> OperatorConfig:
         if not (args.tls_cert and args.tls_key):
             raise SystemExit("give --tls-cert and --tls-key, or --insecure for local development")
         tls = TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca)
+    if not _DNS_SUBDOMAIN.fullmatch(args.ca_configmap_name):
+        raise SystemExit(f"--ca-configmap-name {args.ca_configmap_name!r} is not a ConfigMap name")
     return OperatorConfig(
         namespaces=tuple(dict.fromkeys(args.namespaces)),
         listen=args.listen,
@@ -141,6 +171,9 @@ def config_from(args: argparse.Namespace) -> OperatorConfig:
         kube_server=args.kube_server,
         resync_interval=args.resync_interval,
         status_interval=args.status_interval,
+        ca_bundle=args.publish_ca_bundle,
+        ca_configmap=args.ca_configmap_name,
+        ca_publish_interval=args.ca_publish_interval,
     )
 
 
@@ -179,16 +212,27 @@ class Operator:
                     name=config.lease_name,
                     identity=config.identity,
                 ),
-                on_change=lambda leading: self.controller.leadership_changed(leading),
+                on_change=self._leadership_changed,
             )
         elector = self.elector
+        is_leader = (lambda: elector.is_leader) if elector is not None else (lambda: True)
+        self.ca_publisher: ca_publisher.CaPublisher | None = None
+        if config.ca_bundle is not None:
+            self.ca_publisher = ca_publisher.CaPublisher(
+                self.api,
+                config.ca_bundle,
+                target=ca_publisher.Target(name=config.ca_configmap),
+                is_leader=is_leader,
+                identity=config.identity,
+                interval=config.ca_publish_interval,
+            )
         self.controller = controller.Controller(
             self.api,
             self.registry,
             index=self.index,
             on_change=self.distribution.notify,
             sidecars=self.distribution.counts_for,
-            is_leader=(lambda: elector.is_leader) if elector is not None else (lambda: True),
+            is_leader=is_leader,
             identity=config.identity,
             status_interval=config.status_interval,
             resync_interval=config.resync_interval,
@@ -197,6 +241,11 @@ class Operator:
         self._health: web.AppRunner | None = None
         self._metrics: Any = None
         self._tasks: list[asyncio.Task[None]] = []
+
+    def _leadership_changed(self, leading: bool) -> None:
+        self.controller.leadership_changed(leading)
+        if self.ca_publisher is not None:
+            self.ca_publisher.leadership_changed(leading)
 
     @property
     def ready(self) -> bool:
@@ -211,6 +260,10 @@ class Operator:
             self._health = await self._serve_health(config.health_listen)
         # These exist before the controller's watch starts kopf, which then leaves them alone.
         self._tasks.append(asyncio.create_task(self._serve_sidecars(), name="lastguard-serve"))
+        if self.ca_publisher is not None:  # stopped before the elector releases the Lease
+            self._tasks.append(
+                asyncio.create_task(self.ca_publisher.run(), name="lastguard-ca-publisher")
+            )
         if self.elector is not None:
             self._tasks.append(asyncio.create_task(self.elector.run(), name="lastguard-leader"))
         self._tasks.append(asyncio.create_task(self.controller.run(), name="lastguard-controller"))
@@ -221,6 +274,7 @@ class Operator:
                     "namespaces": list(config.namespaces) or "all",
                     "identity": config.identity,
                     "leader_election": config.leader_election,
+                    "ca_bundle": str(config.ca_bundle) if config.ca_bundle else None,
                 }
             },
         )
@@ -259,7 +313,8 @@ class Operator:
         # such as the health server's connections.
         if self._health is not None:
             await self._health.cleanup()
-        for task in self._tasks:  # the elector (Lease released) first, then the controller
+        # The CA publisher, the elector (Lease released), then the controller.
+        for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task

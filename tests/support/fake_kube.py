@@ -3,6 +3,8 @@
 Objects live in a dict; `emit` delivers a watch event to the controller the way
 the adapter would; `script` queues errors (or awaitables) for the next calls of
 one method, so each retry path can be driven step by step without a clock.
+Namespaces and ConfigMaps (for the CA bundle publisher) live in their own
+dicts; like tests/support/kube.py, the lists ignore selectors.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ class FakeKubeApi:
         self._sink: kube.EventSink | None = None
         self._rv = itertools.count(100)
         self.leases: dict[tuple[str, str], kube.Lease] = {}
+        self.namespaces: dict[str, dict[str, Any]] = {}
+        self.configmaps: dict[tuple[str, str], dict[str, Any]] = {}
+        #: (verb, namespace, body) of every ConfigMap create and replace, in order.
+        self.configmap_writes: list[tuple[str, str, dict[str, Any]]] = []
 
     # --- test controls ---
 
@@ -37,6 +43,18 @@ class FakeKubeApi:
         meta = obj["metadata"]
         meta["resourceVersion"] = str(next(self._rv))
         self.objects[(meta["namespace"], meta["name"])] = obj
+        return copy.deepcopy(obj)
+
+    def add_namespace(self, name: str, labels: Mapping[str, str] | None = None) -> None:
+        self.namespaces[name] = {"metadata": {"name": name, "labels": dict(labels or {})}}
+
+    def add_configmap(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Stores a ConfigMap (as another client would), with a uid and a resourceVersion."""
+        obj = copy.deepcopy(obj)
+        meta = obj["metadata"]
+        meta["resourceVersion"] = str(next(self._rv))
+        meta.setdefault("uid", f"uid-{meta['resourceVersion']}")
+        self.configmaps[(meta["namespace"], meta["name"])] = obj
         return copy.deepcopy(obj)
 
     def emit(self, kind: str, obj: Mapping[str, Any]) -> None:
@@ -116,3 +134,42 @@ class FakeKubeApi:
         stored = lease.with_changes(resource_version=str(next(self._rv)))
         self.leases[(namespace, name)] = stored
         return stored
+
+    async def list_namespaces(self, label_selector: str) -> list[dict[str, Any]]:
+        await self._step("list_namespaces")
+        return [copy.deepcopy(ns) for ns in self.namespaces.values()]
+
+    async def list_configmaps(self, name: str) -> list[dict[str, Any]]:
+        await self._step("list_configmaps")
+        return [copy.deepcopy(cm) for cm in self.configmaps.values()]
+
+    async def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
+        await self._step("get_configmap")
+        found = self.configmaps.get((namespace, name))
+        return copy.deepcopy(found) if found else None
+
+    async def create_configmap(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        self.configmap_writes.append(("create", namespace, copy.deepcopy(dict(body))))
+        await self._step("create_configmap")
+        if namespace not in self.namespaces:
+            raise kube.NotFound(f"namespace {namespace} not found", 404)
+        if (namespace, body["metadata"]["name"]) in self.configmaps:
+            raise kube.Conflict("already exists", 409)
+        created = copy.deepcopy(dict(body))
+        created["metadata"].pop("uid", None)  # the server sets it
+        return self.add_configmap(created)
+
+    async def replace_configmap(
+        self, namespace: str, name: str, body: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        self.configmap_writes.append(("replace", namespace, copy.deepcopy(dict(body))))
+        await self._step("replace_configmap")
+        current = self.configmaps.get((namespace, name))
+        if current is None:
+            raise kube.NotFound("not found", 404)
+        wanted = body["metadata"].get("resourceVersion")
+        if wanted != current["metadata"]["resourceVersion"]:
+            raise kube.Conflict("stale resourceVersion", 409)
+        replaced = copy.deepcopy(dict(body))
+        replaced["metadata"]["uid"] = current["metadata"]["uid"]
+        return self.add_configmap(replaced)

@@ -20,7 +20,9 @@ resumption. `ApiServer` adds what the operator relies on:
   older versions fail the same way, as after etcd compaction;
 - faults: `fail(...)` answers the next matching requests with an error status
   before anything changes; `set_down(True)` answers every API request with
-  500 and ends the open watches, until `set_down(False)`.
+  500 and ends the open watches, until `set_down(False)`;
+- the namespaces collection (`GET /api/v1/namespaces`, `/api/v1/namespaces/NAME`),
+  whose paths kmock 0.8 cannot parse (it reads "namespaces" as a namespace prefix).
 
 Not emulated: label and field selectors, schema validation (tests check the
 status against the CRD with tests/support/crd.py), admission, server-side
@@ -42,10 +44,13 @@ from typing import Any
 import aiohttp.web
 import attrs
 import kmock
+from kmock._internal import parsing as kmock_parsing
 
 JWTPOLICIES = kmock.resource("lastguard.dev", "v1alpha1", "jwtpolicies")
 LEASES = kmock.resource("coordination.k8s.io", "v1", "leases")
 EVENTS = kmock.resource("", "v1", "events")
+NAMESPACES = kmock.resource("", "v1", "namespaces")
+CONFIGMAPS = kmock.resource("", "v1", "configmaps")
 #: Resources with a status subresource (writes to the object leave .status alone).
 WITH_STATUS = {JWTPOLICIES}
 
@@ -69,6 +74,24 @@ class Fault:
             and (self.name is None or request.name == self.name)
             and (self.subresource is None or request.subresource == self.subresource)
         )
+
+
+_kmock_parse_path = kmock_parsing.parse_path
+
+
+def _parse_path(path: str) -> kmock_parsing.ParsedPath:
+    """kmock's path parser, plus the namespaces collection and its objects (see above)."""
+    parts = path.strip("/").split("/")
+    if parts[:3] == ["api", "v1", "namespaces"] and (
+        len(parts) <= 4 or (len(parts) == 5 and parts[4] in ("status", "finalize"))
+    ):
+        name = parts[3] if len(parts) > 3 else None
+        subresource = parts[4] if len(parts) > 4 else None
+        return kmock_parsing.ParsedPath("", "v1", "namespaces", None, name, subresource)
+    return _kmock_parse_path(path)
+
+
+kmock_parsing.parse_path = _parse_path
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -118,10 +141,9 @@ class ApiServer(kmock.KubernetesEmulator):
         )
         self.resources[LEASES] = info(kind="Lease", namespaced=True)
         self.resources[EVENTS] = info(kind="Event", namespaced=True)
+        self.resources[CONFIGMAPS] = info(kind="ConfigMap", namespaced=True)
         # kopf finds its core resources by discovery before it watches anything.
-        self.resources[kmock.resource("", "v1", "namespaces")] = info(
-            kind="Namespace", namespaced=False
-        )
+        self.resources[NAMESPACES] = info(kind="Namespace", namespaced=False)
         self.resources[
             kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")
         ] = info(kind="CustomResourceDefinition", namespaced=False)
@@ -165,18 +187,19 @@ class ApiServer(kmock.KubernetesEmulator):
             return await self._create(resource, obj["metadata"].get("namespace"), obj)
 
     async def patch(
-        self, resource: kmock.resource, namespace: str, name: str, patch: dict[str, Any]
+        self, resource: kmock.resource, namespace: str | None, name: str, patch: dict[str, Any]
     ) -> dict[str, Any]:
+        """A merge patch; `namespace` None for a cluster-scoped object (a Namespace)."""
         return await self._direct("PATCH", resource, namespace, name, patch)
 
-    async def delete(self, resource: kmock.resource, namespace: str, name: str) -> None:
+    async def delete(self, resource: kmock.resource, namespace: str | None, name: str) -> None:
         await self._direct("DELETE", resource, namespace, name, None)
 
     async def _direct(
         self,
         method: str,
         resource: kmock.resource,
-        namespace: str,
+        namespace: str | None,
         name: str,
         body: dict[str, Any] | None,
     ) -> dict[str, Any]:

@@ -227,13 +227,13 @@ def rules(obj: dict[str, Any]) -> list[tuple[str, str, tuple[str, ...], tuple[st
 
 OPERATOR_RULES = [
     ("lastguard.dev", "jwtpolicies", (), ("get", "list", "watch")),
-    ("lastguard.dev", "jwtpolicies/status", (), ("get", "patch", "update")),
-    ("", "events", (), ("create", "patch")),
+    ("lastguard.dev", "jwtpolicies/status", (), ("patch",)),
+    ("", "events", (), ("create",)),
 ]
 CA_PUBLISHER_RULES = [
-    ("", "configmaps", (), ("create", "list", "watch")),
-    ("", "configmaps", ("lastguard-ca",), ("get", "update", "patch")),
-    ("", "namespaces", (), ("get", "list", "watch")),
+    ("", "configmaps", (), ("create",)),
+    ("", "configmaps", ("lastguard-ca",), ("get", "list", "update")),
+    ("", "namespaces", (), ("list",)),
 ]
 LEASE_RULES = [
     ("coordination.k8s.io", "leases", (), ("create",)),
@@ -316,7 +316,7 @@ def test_every_container_is_locked_down(values: dict[str, Any]) -> None:
 
 #: Flags the chart passes that `lastguard operator` does not define yet. The operator
 #: publishes ConfigMap lastguard-ca from this file (caBundle.publish).
-PENDING_FLAGS = {"--publish-ca-bundle"}
+PENDING_FLAGS: set[str] = set()
 
 
 def operator_parser() -> argparse.ArgumentParser:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +23,7 @@ import pytest
 from lastguard.operator import ca_publisher, kube
 from tests.support.certs import CertificateAuthority
 from tests.support.kube import CONFIGMAPS, EVENTS, LEASES, NAMESPACES, ApiServer
-from tests.support.operator import eventually
+from tests.support.operator import OperatorProcess, eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -294,42 +292,17 @@ async def test_only_the_leader_writes(api: ApiServer, tmp_path: Path) -> None:
 
 # --- the process -----------------------------------------------------------------------
 
-RUN_OPERATOR = (
-    "import argparse, asyncio, sys\n"
-    "from lastguard.operator import main\n"
-    "parser = argparse.ArgumentParser()\n"
-    "main.add_arguments(parser)\n"
-    "sys.exit(asyncio.run(main.run(parser.parse_args(sys.argv[1:]))))\n"
-)
-
 
 async def test_operator_process_publishes_as_leader(api: ApiServer, tmp_path: Path) -> None:
     await add_namespace(api, "shop", ENABLED)
     bundle = tmp_path / "ca.crt"
     write_atomically(bundle, ca_pem("process"))
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        RUN_OPERATOR,
-        "--kube-server",
-        str(api.url).rstrip("/"),
-        "--insecure",
-        "--listen",
-        "127.0.0.1:0",
-        "--pod-name",
-        "operator-0",
-        "--lease-namespace",
-        "ops",
-        "--publish-ca-bundle",
-        str(bundle),
-        "--ca-configmap-name",
-        "mesh-ca",
-        "--ca-publish-interval",
-        "0.1",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    operator = await OperatorProcess.start(
+        str(api.url),
+        "--publish-ca-bundle", str(bundle),
+        "--ca-configmap-name", "mesh-ca",
+        "--ca-publish-interval", "0.1",
+    )  # fmt: skip
     try:
 
         def published() -> bool:
@@ -342,12 +315,8 @@ async def test_operator_process_publishes_as_leader(api: ApiServer, tmp_path: Pa
         await eventually(published, timeout=20)
         lease = api.object(LEASES, "ops", "lastguard-operator")
         assert lease["spec"]["holderIdentity"] == "operator-0"
-        process.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(process.wait(), 20)
+        code, output = await operator.stop()
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    output = (await process.stdout.read()).decode() if process.stdout else ""
+        await operator.kill()
     assert code == 0, output
     assert not api.exists(CONFIGMAPS, "shop", NAME)  # only the name it was given

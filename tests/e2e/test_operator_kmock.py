@@ -12,11 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import os
 import re
-import signal
 import socket
-import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,7 +25,7 @@ from lastguard.operator import kube, leader
 from tests.support.crd import status_problems
 from tests.support.issuer import TestIssuer
 from tests.support.kube import EVENTS, JWTPOLICIES, LEASES, ApiServer
-from tests.support.operator import FAST, eventually, replica
+from tests.support.operator import FAST, OperatorProcess, eventually, replica
 from tests.support.policies import BAD_SPEC, BAD_SPEC_PROBLEM, policy
 
 pytestmark = pytest.mark.e2e
@@ -370,43 +367,17 @@ def _free_port() -> int:
         return port
 
 
-RUN_OPERATOR = (
-    "import argparse, asyncio, sys\n"
-    "from lastguard.operator import main\n"
-    "parser = argparse.ArgumentParser()\n"
-    "main.add_arguments(parser)\n"
-    "sys.exit(asyncio.run(main.run(parser.parse_args(sys.argv[1:]))))\n"
-)
-
-
 async def test_operator_process_serves_leads_and_stops_on_sigterm(
     api: ApiServer, issuer: TestIssuer
 ) -> None:
     await api.create(JWTPOLICIES, policy("a", spec_doc=good(issuer)))
     health, metrics = _free_port(), _free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        RUN_OPERATOR,
-        "--kube-server",
-        str(api.url).rstrip("/"),
-        "--insecure",
-        "--listen",
-        "127.0.0.1:0",
-        "--health-listen",
-        f"127.0.0.1:{health}",
-        "--metrics-listen",
-        f"127.0.0.1:{metrics}",
-        "--pod-name",
-        "operator-0",
-        "--lease-namespace",
-        "ops",
-        "--status-interval",
-        "0.1",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    operator = await OperatorProcess.start(
+        str(api.url),
+        "--health-listen", f"127.0.0.1:{health}",
+        "--metrics-listen", f"127.0.0.1:{metrics}",
+        "--status-interval", "0.1",
+    )  # fmt: skip
     try:
         async with aiohttp.ClientSession() as http:
 
@@ -420,29 +391,33 @@ async def test_operator_process_serves_leads_and_stops_on_sigterm(
             async with http.get(f"http://127.0.0.1:{health}/healthz") as response:
                 assert response.status == 200
             await eventually(lambda: is_ready(api, "a"), timeout=20)
-            async with http.get(f"http://127.0.0.1:{metrics}/metrics") as response:
-                exposed = await response.text()
-            # The first event is LISTED or, when kmock's watch replays the object
-            # before kopf's list lands (seen under load), ADDED: either is counted.
-            assert re.search(
-                r'lastguard_operator_watch_events_total\{type="(LISTED|ADDED)"\} [1-9]', exposed
+            expected = (
+                # The first event is LISTED or, when kmock's watch replays the object
+                # before kopf's list lands (seen under load), ADDED: either is counted.
+                # The controller's own list can fill the index first, so wait for it.
+                r'lastguard_operator_watch_events_total\{type="(LISTED|ADDED)"\} [1-9]',
+                r'lastguard_operator_status_writes_total\{result="ok"\} [1-9]',
+                r"lastguard_operator_leader 1\.0",
             )
-            for line in (
-                'lastguard_operator_status_writes_total{result="ok"}',
-                "lastguard_operator_leader 1.0",
-            ):
-                assert line in exposed
+            exposed = ""
+
+            async def metrics_exposed() -> bool:
+                nonlocal exposed
+                async with http.get(f"http://127.0.0.1:{metrics}/metrics") as response:
+                    exposed = await response.text()
+                return all(re.search(pattern, exposed) for pattern in expected)
+
+            try:
+                await eventually(metrics_exposed, timeout=10)
+            except AssertionError:
+                missing = [p for p in expected if not re.search(p, exposed)]
+                raise AssertionError(f"metrics missing {missing}") from None
         assert status(api, "a")["sidecars"] == {"current": 0, "total": 0}
         assert holder(api, "lastguard-operator") == "operator-0"
         renewed = api.object(LEASES, "ops", "lastguard-operator")["spec"]["renewTime"]
         assert datetime.datetime.fromisoformat(renewed).tzinfo is not None
-
-        process.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(process.wait(), 20)
+        code, output = await operator.stop()
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    output = (await process.stdout.read()).decode() if process.stdout else ""
+        await operator.kill()
     assert code == 0, output
     assert holder(api, "lastguard-operator") is None  # released on the way out

@@ -1,6 +1,7 @@
 """Running the operator's controller against tests.support.kube.ApiServer, and bounded waits.
 
-`replica(api)` starts one operator replica the way `lastguard.operator.main`
+`OperatorProcess` runs the real `lastguard operator` command against it.
+`replica(api)` starts one operator replica in-process the way `lastguard.operator.main`
 wires it (ClusterApi: kopf watch + official client, a KeyRegistry on the wall
 clock, the Controller) with short intervals, and stops it at exit. `eventually`
 re-checks a condition until it holds or a deadline passes: no bare sleeps.
@@ -10,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -130,3 +134,42 @@ async def replica(
         await registry.close()
         await fetcher.close()
         api.close()
+
+
+class OperatorProcess:
+    """The real `lastguard operator` command as a subprocess, against a test API server.
+
+    Always passes `--kube-server URL --insecure --listen 127.0.0.1:0 --pod-name operator-0
+    --lease-namespace ops`; `args` add or override the rest.
+    """
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+
+    @classmethod
+    async def start(cls, kube_url: str, *args: str) -> OperatorProcess:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "lastguard.sidecar.cli", "operator",
+            "--kube-server", kube_url.rstrip("/"), "--insecure", "--listen", "127.0.0.1:0",
+            "--pod-name", "operator-0", "--lease-namespace", "ops", *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        return cls(process)
+
+    async def stop(self, timeout: float = 20) -> tuple[int, str]:
+        """SIGTERM, then the exit code and everything the process printed."""
+        self.process.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(self.process.wait(), timeout)
+        return code, await self.output()
+
+    async def kill(self) -> None:
+        """Makes sure the process is gone (a no-op once it has exited)."""
+        if self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+    async def output(self) -> str:
+        stdout = self.process.stdout
+        return (await stdout.read()).decode(errors="replace") if stdout else ""

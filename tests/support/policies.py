@@ -1,8 +1,11 @@
-"""JWTPolicy objects as the API server returns them, for operator tests.
+"""JWTPolicy documents for tests.
 
-`policy(...)` builds one object with the metadata the API server sets (uid,
-generation, creationTimestamp, resourceVersion) and a valid spec unless told
-otherwise; `BAD_SPEC` is a spec the parser rejects with one known problem.
+`document(**spec)` is a minimal valid policy (one issuer with a jwksUri) whose
+spec fields can be replaced, and `with_issuer(**fields)` changes that issuer:
+the parser and CRD tables are written with these. `policy(...)` builds an
+object as the API server returns it (uid, generation, creationTimestamp,
+resourceVersion), for operator tests; `BAD_SPEC` is a spec the parser rejects
+with one known problem.
 """
 
 from __future__ import annotations
@@ -60,3 +63,22 @@ def policy(
     if status is not None:
         obj["status"] = status
     return obj
+
+
+def document(**spec: Any) -> dict[str, Any]:
+    """A minimal valid JWTPolicy (namespace shop, name p) with `spec` fields replaced."""
+    base: dict[str, Any] = {"issuers": [{"issuer": ISSUER, "jwksUri": f"{ISSUER}/jwks"}]}
+    base.update(spec)
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "JWTPolicy",
+        "metadata": {"name": "p", "namespace": "shop"},
+        "spec": base,
+    }
+
+
+def with_issuer(**fields: Any) -> dict[str, Any]:
+    """`document()` with its issuer's `fields` changed (None is a null: absent when parsed)."""
+    doc = document()
+    doc["spec"]["issuers"][0].update(fields)
+    return doc

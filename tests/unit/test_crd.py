@@ -44,6 +44,8 @@ import yaml
 from lastguard.sidecar.devissuer import DevIssuer
 from lastguard.sidecar.errors import PolicyError
 from lastguard.sidecar.policy import model, parse
+from tests.support.policies import document as policy
+from tests.support.policies import with_issuer
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT / "manifests" / "crds" / "jwtpolicies.lastguard.dev.yaml"
@@ -260,26 +262,6 @@ def _same_field(a: str, b: str) -> bool:
 DEV = DevIssuer("https://idp.example")
 JWKS = json.dumps(DEV.jwks())
 PEM = DEV.public_pem("ec-1")
-
-
-def policy(**spec: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "issuers": [{"issuer": "https://idp.example", "jwksUri": "https://idp.example/jwks"}]
-    }
-    base.update(spec)
-    return {
-        "apiVersion": "lastguard.dev/v1alpha1",
-        "kind": "JWTPolicy",
-        "metadata": {"name": "p", "namespace": "shop"},
-        "spec": base,
-    }
-
-
-def with_issuer(**fields: Any) -> dict[str, Any]:
-    """The default issuer with `fields` changed (None is a null: absent for both judges)."""
-    doc = policy()
-    doc["spec"]["issuers"][0].update(fields)
-    return doc
 
 
 def discovery(**fields: Any) -> dict[str, Any]:

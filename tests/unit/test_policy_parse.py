@@ -12,27 +12,10 @@ from lastguard.sidecar.devissuer import DevIssuer
 from lastguard.sidecar.errors import PolicyError
 from lastguard.sidecar.policy import model
 from lastguard.sidecar.policy.parse import parse_documents, parse_policy
+from tests.support.policies import document as policy
+from tests.support.policies import with_issuer
 
 JWKS = json.dumps(DevIssuer("https://idp.example").jwks())
-
-
-def policy(**spec: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "issuers": [{"issuer": "https://idp.example", "jwksUri": "https://idp.example/jwks"}]
-    }
-    base.update(spec)
-    return {
-        "apiVersion": "lastguard.dev/v1alpha1",
-        "kind": "JWTPolicy",
-        "metadata": {"name": "p", "namespace": "shop"},
-        "spec": base,
-    }
-
-
-def with_issuer(**fields: Any) -> dict[str, Any]:
-    doc = policy()
-    doc["spec"]["issuers"][0].update(fields)
-    return doc
 
 
 def test_defaults_follow_istio() -> None:

@@ -88,10 +88,9 @@ def build_service() -> tuple[AuthorizationService, DevIssuer]:
     issuers = [DevIssuer(url) for url in ISSUERS]
     policy = parse_policy(realistic_policy(issuers))
     authorizer = Authorizer(Authenticator())
-    authorizer.policy = compile_policy(
-        policy, lambda i: StaticKeySource.from_jwks(i.jwks or "", label=i.issuer)
+    authorizer.install(
+        compile_policy(policy, lambda i: StaticKeySource.from_jwks(i.jwks or "", label=i.issuer))
     )
-    authorizer.ready = True
     return AuthorizationService(authorizer, "lastguard"), issuers[-1]
 
 

@@ -43,10 +43,15 @@ class Authorizer:
         self.authenticator = authenticator
         self.allow_without_policy = allow_without_policy
         self.log_claims = log_claims
-        #: Swapped whole on reload; readers take one reference per request.
+        #: Swapped whole on reload (`install`); readers take one reference per request.
         self.policy: CompiledPolicy | None = None
-        #: False until a policy set was loaded (even one that selects nothing).
+        #: False until a policy set was installed (even one that selects nothing).
         self.ready = False
+
+    def install(self, policy: CompiledPolicy | None) -> None:
+        """Enforces `policy` from the next Check on (None: no policy selects the workload)."""
+        self.policy = policy
+        self.ready = True
 
     async def check(self, method: str, path: str, headers: Mapping[str, str]) -> Decision:
         policy = self.policy

@@ -58,12 +58,16 @@ class PolicyStore:
         self.registry = registry
         self.workload = workload
         self.on_ready = on_ready
-        self.loaded = False
         self._prefetch: asyncio.Task[None] | None = None
 
     @property
     def current(self) -> CompiledPolicy | None:
         return self.authorizer.policy
+
+    @property
+    def loaded(self) -> bool:
+        """Whether a policy set was ever applied (even one that selects nothing)."""
+        return self.authorizer.ready
 
     def apply(self, policies: Sequence[JWTPolicy]) -> CompiledPolicy | None:
         """Selects, compiles and installs; raises PolicyError and changes nothing on failure."""
@@ -73,8 +77,8 @@ class PolicyStore:
         except PolicyError:
             metrics.POLICY_RELOADS.labels("error").inc()
             raise
-        self.authorizer.policy = compiled
-        self.authorizer.ready = True
+        first = not self.loaded
+        self.authorizer.install(compiled)
         self.registry.retain(compiled.policy.issuers if compiled else ())
         metrics.POLICY_RELOADS.labels("ok").inc()
         metrics.POLICIES_LOADED.set(len(policies))
@@ -85,10 +89,8 @@ class PolicyStore:
             },
         )
         self._start_prefetch()
-        if not self.loaded:
-            self.loaded = True
-            if self.on_ready is not None:
-                self.on_ready()
+        if first and self.on_ready is not None:
+            self.on_ready()
         return compiled
 
     def _start_prefetch(self) -> None:

@@ -140,8 +140,7 @@ def build(
             return source
         return StaticKeySource.from_jwks(issuer.jwks or "", label=issuer.issuer)
 
-    authorizer.policy = compile_policy(parsed, source_for)
-    authorizer.ready = True
+    authorizer.install(compile_policy(parsed, source_for))
     return authorizer, clock
 
 
@@ -343,7 +342,7 @@ async def test_cookie_token_is_cut_from_the_cookie_header() -> None:
 async def test_not_ready_and_no_policy() -> None:
     authorizer = Authorizer(Authenticator())
     assert (await authorizer.check("GET", "/", {})).status == 503
-    authorizer.ready = True
+    authorizer.install(None)
     denied = await authorizer.check("GET", "/", {})
     assert (denied.status, denied.reason) == (403, "no_policy")
     assert "no JWTPolicy selects this workload" in denied.body()
@@ -377,8 +376,10 @@ async def test_cache_is_not_shared_across_policy_reloads() -> None:
     assert (await authorizer.check("GET", "/api/x", bearer(token))).allowed
     policy = json.loads(json.dumps(POLICY))
     policy["spec"]["issuers"][0]["audiences"] = ["other"]
-    authorizer.policy = compile_policy(
-        parse_policy(policy), lambda i: StaticKeySource.from_jwks(i.jwks or "", label=i.issuer)
+    authorizer.install(
+        compile_policy(
+            parse_policy(policy), lambda i: StaticKeySource.from_jwks(i.jwks or "", label=i.issuer)
+        )
     )
     assert (await authorizer.check("GET", "/api/x", bearer(token))).reason == "audience"
 

@@ -25,7 +25,6 @@ from lastguard.sidecar import errors, extract
 from lastguard.sidecar.authenticator import Authenticator
 from lastguard.sidecar.compile import CompiledPolicy
 from lastguard.sidecar.decision import Decision
-from lastguard.sidecar.match import normalize_path
 from lastguard.sidecar.policy.model import Action
 from lastguard.sidecar.token_cache import VerifiedToken
 
@@ -175,8 +174,8 @@ class Authorizer:
             "reason": decision.reason,
             "policy": policy.key if policy else None,
             "method": method,
-            # The query string may carry a token (fromParams): never log it.
-            "path": normalize_path(path),
+            # As sent, without the query string, which may carry a token (fromParams).
+            "path": path.partition("?")[0].partition("#")[0],
         }
         if verified is not None:
             fields["issuer"] = verified.issuer.config.issuer

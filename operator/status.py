@@ -44,7 +44,6 @@ from lastguard.sidecar.policy.model import JWTPolicy
 READY = "Ready"
 KEYS_READY = "KeysReady"
 CONFLICTED = "Conflicted"
-CONDITION_TYPES = (READY, KEYS_READY, CONFLICTED)
 
 # Bounds well inside the CRD's (message 32768, lastError 4096, keyIds 256 x 256, lists 256).
 MAX_MESSAGE = 8192

@@ -7,7 +7,7 @@ operator (`policy_server`, streamed by `PolicyClient`). The workload is given
 Lifecycle: `Sidecar.start()` loads what is local (the policy file, or the
 snapshot stored from the operator's last update), binds every listener and
 starts the background tasks (the policy source, key refresh, readiness);
-`serve_forever()` waits; `stop()` drains in-flight Checks for a grace period,
+`stop()` drains in-flight Checks for a grace period,
 then cancels the tasks and closes the HTTP client. gRPC health answers
 NOT_SERVING until the store holds a policy set (`PolicyStore.on_ready`), and
 every Check is denied with 503 until then.
@@ -254,10 +254,6 @@ class Sidecar:
         """Health follows the store: SERVING from its first applied policy set on."""
         await self._ready.wait()
         await self._set_serving(True)
-
-    async def serve_forever(self) -> None:
-        assert self.server is not None
-        await self.server.wait_for_termination()
 
     async def stop(self) -> None:
         if self.server is not None:

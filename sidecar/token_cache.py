@@ -103,7 +103,3 @@ class TokenCache:
 
     def __len__(self) -> int:
         return len(self._cache)
-
-    @property
-    def bytes_used(self) -> int:
-        return int(self._cache.currsize)

@@ -99,10 +99,6 @@ class Issuer:
         return KeySourceKind.DISCOVERY
 
     @property
-    def discovery_url(self) -> str:
-        return self.issuer.rstrip("/") + "/.well-known/openid-configuration"
-
-    @property
     def output_headers(self) -> tuple[str, ...]:
         """Every header this issuer may set on an allowed request."""
         names = [c.header for c in self.output_claim_to_headers]

@@ -108,6 +108,12 @@ def build_parser(operator_flags: bool = True) -> argparse.ArgumentParser:
     )
     side.add_argument("--listen", default="127.0.0.1:9191", help="gRPC address for Envoy")
     side.add_argument(
+        "--http-listen",
+        default=None,
+        help="also answer Envoy's HTTP ext_authz protocol here, e.g. 127.0.0.1:9192 "
+        "(much cheaper per request than gRPC; see docs/http-mode.md)",
+    )
+    side.add_argument(
         "--metrics-listen", default=None, help="Prometheus address, e.g. 127.0.0.1:9090"
     )
     side.add_argument(
@@ -246,6 +252,7 @@ async def _run_sidecar(args: argparse.Namespace) -> int:
         pod_info_dir=args.pod_info_dir,
         pod_name=socket.gethostname(),  # a pod's hostname is its name; pod info overrides
         listen=args.listen,
+        http_listen=args.http_listen,
         metrics_listen=args.metrics_listen,
         health_listen=args.health_listen,
         gc_full_interval=args.gc_full_interval,

@@ -25,17 +25,18 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import Counter, start_http_server
+from prometheus_client import start_http_server
 
 from lastguard.proto.envoy.service.auth.v3 import external_auth_pb2 as pb
-from lastguard.sidecar import gc_tuning, health_http, metrics, podinfo
+from lastguard.sidecar import gc_tuning, health_http, podinfo
 from lastguard.sidecar.authenticator import Authenticator
 from lastguard.sidecar.authorizer import Authorizer
-from lastguard.sidecar.decision import Decision
 from lastguard.sidecar.fetch import HttpFetcher
+from lastguard.sidecar.http_server import HttpAuthzServer
 from lastguard.sidecar.jwks_cache import KeyRegistry
 from lastguard.sidecar.policy.select import Workload
 from lastguard.sidecar.policy_client import PolicyClient
+from lastguard.sidecar.recording import CheckRecorder
 from lastguard.sidecar.reload import PolicyFile
 from lastguard.sidecar.response import render
 from lastguard.sidecar.store import PolicyStore
@@ -66,6 +67,8 @@ class SidecarConfig:
     pod_info_dir: Path | None = None
     pod_name: str = ""
     listen: str = "127.0.0.1:9191"
+    #: Also answer Envoy's HTTP ext_authz protocol here (see http_server); None: gRPC only.
+    http_listen: str | None = None
     metrics_listen: str | None = None
     #: HTTP /healthz and /readyz for Kubernetes probes (Check itself stays on `listen`).
     health_listen: str | None = None
@@ -103,20 +106,10 @@ def _serialize(response: bytes | pb.CheckResponse) -> bytes:
 class AuthorizationService:
     """Envoy's Check: always answers with a decision, never with a gRPC error."""
 
-    def __init__(self, authorizer: Authorizer, realm: str) -> None:
+    def __init__(self, authorizer: Authorizer, realm: str, recorder: CheckRecorder) -> None:
         self.authorizer = authorizer
         self.realm = realm
-        self._counters: dict[tuple[bool, str], Counter] = {}
-
-    def _count(self, decision: Decision) -> None:
-        key = (decision.allowed, decision.reason)
-        counter = self._counters.get(key)
-        if counter is None:
-            counter = metrics.DECISIONS.labels(
-                "allow" if decision.allowed else "deny", decision.reason
-            )
-            self._counters[key] = counter
-        counter.inc()
+        self.recorder = recorder
 
     async def Check(
         self,
@@ -127,8 +120,7 @@ class AuthorizationService:
         http = request.attributes.request.http
         decision = await self.authorizer.check(http.method, http.path, http.headers)
         response = render(decision, self.realm)
-        self._count(decision)
-        metrics.CHECK_SECONDS.observe(time.perf_counter() - started)
+        self.recorder.record(decision, started)
         return response
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -187,6 +179,8 @@ class Sidecar:
             )
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
+        self.recorder = CheckRecorder()
+        self.http: HttpAuthzServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._metrics_server: object | None = None
         self._health_server: asyncio.Server | None = None
@@ -202,7 +196,7 @@ class Sidecar:
 
     async def start(self) -> None:
         self.server = grpc.aio.server()
-        service = AuthorizationService(self.authorizer, self.config.realm)
+        service = AuthorizationService(self.authorizer, self.config.realm, self.recorder)
         self.server.add_generic_rpc_handlers((service.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = self.server.add_insecure_port(self.config.listen)
@@ -222,6 +216,9 @@ class Sidecar:
         if self.store.loaded:
             await readiness  # SERVING before the port opens: no window of 503s
         await self.server.start()
+        if self.config.http_listen:
+            self.http = HttpAuthzServer(self.authorizer, self.config.realm, self.recorder)
+            await self.http.start(self.config.http_listen)
         self._tasks += [
             asyncio.create_task(self._keep_policy_current()),
             asyncio.create_task(self.registry.run()),
@@ -231,10 +228,11 @@ class Sidecar:
             self._tasks.append(
                 asyncio.create_task(gc_tuning.collect_periodically(self.config.gc_full_interval))
             )
-        log.info(
-            "lastguard sidecar listening",
-            extra={"fields": {"grpc": f"{self.config.listen.rpartition(':')[0]}:{self.port}"}},
-        )
+        host = self.config.listen.rpartition(":")[0]
+        fields = {"grpc": f"{host}:{self.port}"}
+        if self.http is not None and self.config.http_listen:
+            fields["http"] = f"{self.config.http_listen.rpartition(':')[0]}:{self.http.port}"
+        log.info("lastguard sidecar listening", extra={"fields": fields})
 
     def _load_local(self) -> None:
         """Applies what is on disk now: the policy file, or the stored snapshot."""
@@ -258,7 +256,13 @@ class Sidecar:
     async def stop(self) -> None:
         if self.server is not None:
             await self._set_serving(False)
-            await self.server.stop(self.config.grace_seconds)
+            if self.http is not None:
+                await asyncio.gather(
+                    self.server.stop(self.config.grace_seconds),
+                    self.http.stop(self.config.grace_seconds),
+                )
+            else:
+                await self.server.stop(self.config.grace_seconds)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

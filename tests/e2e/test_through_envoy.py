@@ -74,6 +74,7 @@ def policy(issuer: ThreadedTestIssuer, **issuer_fields: Any) -> dict[str, Any]:
 
 @dataclass
 class Stack:
+    protocol: str
     issuer: ThreadedTestIssuer
     sidecar: SidecarThread
     envoy: EnvoyProcess
@@ -109,20 +110,30 @@ def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
         time.sleep(0.05)
 
 
-@pytest.fixture
+@pytest.fixture(params=["grpc", "http"])
 def stack(
+    request: pytest.FixtureRequest,
     start_envoy: StartEnvoy,
     start_sidecar: StartSidecar,
     write_policy: PolicyWriter,
     upstream: UpstreamApp,
 ) -> Iterator[Stack]:
+    """The whole stack, with Envoy calling lastguard over gRPC or over HTTP (the same
+    decisions are expected from both, but where the HTTP protocol cannot express one)."""
+    protocol: str = request.param
     with ThreadedTestIssuer() as issuer:
         clock = FakeClock()
-        sidecar = start_sidecar(write_policy(policy(issuer)), key_clock=clock)
+        extra = {"http_listen": "127.0.0.1:0"} if protocol == "http" else {}
+        sidecar = start_sidecar(write_policy(policy(issuer)), key_clock=clock, **extra)
+        authz_port = sidecar.http_port if protocol == "http" else sidecar.port
         envoy = start_envoy(
-            [envoy_support.ext_authz_listener(authz_port=sidecar.port, upstream_port=upstream.port)]
+            [
+                envoy_support.ext_authz_listener(
+                    authz_port=authz_port, upstream_port=upstream.port, protocol=protocol
+                )
+            ]
         )
-        yield Stack(issuer, sidecar, envoy, upstream, clock, write_policy)
+        yield Stack(protocol, issuer, sidecar, envoy, upstream, clock, write_policy)
 
 
 # --- every documented decision, through Envoy ------------------------------------
@@ -193,6 +204,11 @@ def test_allowed_request_what_the_app_sees(stack: Stack) -> None:
 def test_token_in_query_is_removed_before_the_app(stack: Stack) -> None:
     token = stack.mint()
     response = stack.get(f"/api/orders?page=2&access_token={token}")
+    if stack.protocol == "http":
+        # Envoy's HTTP protocol cannot remove a query parameter: closed, not leaked.
+        assert response.status == 403
+        assert response.json()["error_description"].startswith("this policy needs the gRPC")
+        return
     assert response.status == 200
     seen_path = response.json()["path"]
     assert "access_token" not in seen_path and "page=2" in seen_path

@@ -189,19 +189,37 @@ def ext_authz_filter(
     timeout: str = "0.5s",
     failure_mode_allow: bool = False,
     status_on_error: str = "ServiceUnavailable",
+    protocol: str = "grpc",
 ) -> dict[str, Any]:
-    """Envoy's gRPC ext_authz filter pointed at `authz_cluster` (lastguard's protocol)."""
-    return {
-        "name": "envoy.filters.http.ext_authz",
-        "typed_config": {
-            "@type": _EXT_AUTHZ,
-            "transport_api_version": "V3",
-            "grpc_service": {"envoy_grpc": {"cluster_name": authz_cluster}, "timeout": timeout},
-            "failure_mode_allow": failure_mode_allow,
-            "status_on_error": {"code": status_on_error},
-            "include_peer_certificate": True,
-        },
+    """Envoy's ext_authz filter pointed at `authz_cluster`, in either of lastguard's protocols.
+
+    `protocol="http"` is Envoy's `http_service` configured per lastguard's HTTP-mode
+    contract (docs/http-mode.md): token-bearing headers go to lastguard, and
+    headers starting with `x-` plus `cookie` come back to the upstream request.
+    """
+    config: dict[str, Any] = {
+        "@type": _EXT_AUTHZ,
+        "transport_api_version": "V3",
+        "failure_mode_allow": failure_mode_allow,
+        "status_on_error": {"code": status_on_error},
     }
+    if protocol == "grpc":
+        config["grpc_service"] = {"envoy_grpc": {"cluster_name": authz_cluster}, "timeout": timeout}
+        config["include_peer_certificate"] = True
+    elif protocol == "http":
+        config["http_service"] = {
+            "server_uri": {"uri": f"http://{HOST}", "cluster": authz_cluster, "timeout": timeout},
+            "authorization_request": {"allowed_headers": HTTP_MODE_REQUEST_HEADERS},
+            "authorization_response": {"allowed_upstream_headers": HTTP_MODE_UPSTREAM_HEADERS},
+        }
+    else:
+        raise ValueError(f"unknown ext_authz protocol {protocol!r}")
+    return {"name": "envoy.filters.http.ext_authz", "typed_config": config}
+
+
+#: lastguard's HTTP-mode contract with Envoy (docs/http-mode.md), as ListStringMatchers.
+HTTP_MODE_REQUEST_HEADERS = {"patterns": [{"exact": "cookie"}, {"prefix": "x-"}]}
+HTTP_MODE_UPSTREAM_HEADERS = {"patterns": [{"exact": "cookie"}, {"prefix": "x-"}]}
 
 
 def jwt_authn_filter(
@@ -284,13 +302,16 @@ def ext_authz_listener(
     failure_mode_allow: bool = False,
     status_on_error: str = "ServiceUnavailable",
     path_with_escaped_slashes_action: str = "UNESCAPE_AND_REDIRECT",
+    protocol: str = "grpc",
 ) -> ListenerSpec:
-    """Listener -> ext_authz (gRPC to 127.0.0.1:`authz_port`) -> router to `upstream_port`."""
+    """Listener -> ext_authz (`protocol` grpc or http, to 127.0.0.1:`authz_port`) -> router
+    to `upstream_port`."""
     authz = ext_authz_filter(
         authz_cluster=authz_cluster,
         timeout=timeout,
         failure_mode_allow=failure_mode_allow,
         status_on_error=status_on_error,
+        protocol=protocol,
     )
     return ListenerSpec(
         name=name,
@@ -301,7 +322,7 @@ def ext_authz_listener(
             path_with_escaped_slashes_action=path_with_escaped_slashes_action,
         ),
         clusters=(
-            static_cluster(authz_cluster, authz_port, http2=True),
+            static_cluster(authz_cluster, authz_port, http2=protocol == "grpc"),
             static_cluster(upstream_cluster, upstream_port),
         ),
     )

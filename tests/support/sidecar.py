@@ -221,6 +221,13 @@ class SidecarThread:
             raise RuntimeError("sidecar is not running")
         return int(self.sidecar.port)
 
+    @property
+    def http_port(self) -> int:
+        """The HTTP ext_authz port (the config must set `http_listen`)."""
+        if self.sidecar is None or self.sidecar.http is None:
+            raise RuntimeError("sidecar is not serving HTTP ext_authz")
+        return int(self.sidecar.http.port)
+
     def call(self, coro: Any, timeout: float = 10.0) -> Any:
         """Runs a coroutine on the sidecar's loop (to poke at its state) and returns its result."""
         if self._loop is None:
@@ -231,17 +238,22 @@ class SidecarThread:
 # --- subprocess ---------------------------------------------------------------
 
 
-def _listening_port(line: str) -> int | None:
-    """The port from the sidecar's JSON "listening" log line, if this is it."""
+def _listening_ports(line: str) -> dict[str, int]:
+    """{"grpc": port, "http": port (when served)} from the sidecar's JSON "listening" log
+    line; empty for any other line."""
     try:
         record = json.loads(line)
     except ValueError:
-        return None
-    address = record.get("grpc") if isinstance(record, dict) else None
-    if not isinstance(address, str):
-        return None
-    port = address.rpartition(":")[2]
-    return int(port) if port.isdigit() else None
+        return {}
+    if not isinstance(record, dict) or not isinstance(record.get("grpc"), str):
+        return {}
+    ports = {}
+    for protocol in ("grpc", "http"):
+        address = record.get(protocol)
+        port = address.rpartition(":")[2] if isinstance(address, str) else ""
+        if port.isdigit():
+            ports[protocol] = int(port)
+    return ports
 
 
 class SidecarProcess:
@@ -271,6 +283,8 @@ class SidecarProcess:
         self.policy_file = Path(policy_file)
         self.requested_port = port
         self.port = port
+        #: The HTTP ext_authz port, when `extra_args` has --http-listen (read from the log).
+        self.http_port: int | None = None
         self.metrics_port = free_port() if metrics else None
         self.namespace = namespace
         self.labels = dict(labels or {})
@@ -340,9 +354,10 @@ class SidecarProcess:
             complete = chunk[: chunk.rfind(b"\n") + 1]
             offset += len(complete)
             for line in complete.decode(errors="replace").splitlines():
-                port = _listening_port(line)
-                if port:
-                    return port
+                ports = _listening_ports(line)
+                if "grpc" in ports:
+                    self.http_port = ports.get("http")
+                    return ports["grpc"]
             time.sleep(0.05)
         raise SidecarError("sidecar never logged the address it listens on")
 

@@ -421,10 +421,10 @@ def _direct_response_listener(
     return envoy_support.ListenerSpec(name=name, listener=listener, clusters=tuple(clusters))
 
 
-def bench_listeners(
-    jwks_json: str, lastguard_port: int, noop_port: int
-) -> list[envoy_support.ListenerSpec]:
-    ext_authz = envoy_support.ext_authz_filter
+def bench_listeners(jwks_json: str, ports: Mapping[str, int]) -> list[envoy_support.ListenerSpec]:
+    """Envoy's listeners, one per variant; `ports` maps each ext_authz variant to its server's
+    port (gRPC for `lastguard` and `noop`, HTTP for the `_http` variants)."""
+    authz = [authz_listener(variant, ports[variant]) for variant in SERVER_OF]
     return [
         _direct_response_listener("none", []),
         _direct_response_listener(
@@ -438,17 +438,18 @@ def bench_listeners(
                 )
             ],
         ),
-        _direct_response_listener(
-            "lastguard",
-            [ext_authz(authz_cluster="lastguard", timeout="2s")],
-            [envoy_support.static_cluster("lastguard", lastguard_port, http2=True)],
-        ),
-        _direct_response_listener(
-            "noop",
-            [ext_authz(authz_cluster="noop", timeout="2s")],
-            [envoy_support.static_cluster("noop", noop_port, http2=True)],
-        ),
+        *authz,
     ]
+
+
+def authz_listener(variant: str, port: int) -> envoy_support.ListenerSpec:
+    """The listener of one ext_authz variant (`lastguard`, `noop`, ...), its server on `port`."""
+    protocol = PROTOCOL_OF[variant]
+    return _direct_response_listener(
+        variant,
+        [envoy_support.ext_authz_filter(authz_cluster=variant, timeout="2s", protocol=protocol)],
+        [envoy_support.static_cluster(variant, port, http2=protocol == "grpc")],
+    )
 
 
 # --- processes and /proc ------------------------------------------------------------
@@ -460,10 +461,13 @@ class NoopServer:
     def __init__(self, log_path: Path) -> None:
         self.log_path = log_path
         self.port = 0
+        self.http_port = 0
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 15.0) -> NoopServer:
-        command = [sys.executable, str(NOOP_SERVER), "--listen", f"{HOST}:0"]
+        command = [
+            sys.executable, str(NOOP_SERVER), "--listen", f"{HOST}:0", "--http-listen", f"{HOST}:0"
+        ]  # fmt: skip
         with open(self.log_path, "wb") as log:
             self._proc = subprocess.Popen(  # noqa: S603
                 command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
@@ -474,7 +478,9 @@ class NoopServer:
                 raise BenchError(f"no-op server exited: {self.log_path.read_text()[-2000:]}")
             for line in self.log_path.read_text().splitlines():
                 if line.startswith("{"):
-                    self.port = int(json.loads(line)["grpc"].rpartition(":")[2])
+                    listening = json.loads(line)
+                    self.port = int(listening["grpc"].rpartition(":")[2])
+                    self.http_port = int(listening["http"].rpartition(":")[2])
             if self.port and port_open(self.port):
                 return self
             time.sleep(0.05)
@@ -594,9 +600,21 @@ CASES = {
 VARIANT_CASES = {
     "none": ("hit-rs256",),
     "noop": ("hit-rs256",),
+    "noop_http": ("hit-rs256",),
     "jwt_authn": ("hit-rs256", "hit-es256", "deny"),
     "lastguard": tuple(CASES),
+    "lastguard_http": tuple(CASES),
 }
+#: The ext_authz variants: which process serves each (lastguard and the no-op server
+#: each answer both protocols), over which protocol, and which floor it is held to.
+SERVER_OF = {
+    "noop": "noop",
+    "noop_http": "noop",
+    "lastguard": "lastguard",
+    "lastguard_http": "lastguard",
+}
+PROTOCOL_OF = {"noop": "grpc", "noop_http": "http", "lastguard": "grpc", "lastguard_http": "http"}
+FLOOR_OF = {"lastguard": "noop", "lastguard_http": "noop_http"}
 #: The order of a round's runs: the variants compared with each other run next
 #: to each other, and every saturated run has a paced twin. Runs that verify
 #: fresh tokens come last: they grow Python's heap, and the garbage collector's
@@ -608,15 +626,22 @@ CHECKED_FIRST = (
     ("noop", "hit-rs256"),
     ("jwt_authn", "hit-rs256"),
     ("lastguard", "hit-rs256"),
+    ("noop_http", "hit-rs256"),
+    ("lastguard_http", "hit-rs256"),
     ("jwt_authn", "hit-es256"),
     ("lastguard", "hit-es256"),
+    ("lastguard_http", "hit-es256"),
     ("jwt_authn", "deny"),
     ("lastguard", "deny"),
+    ("lastguard_http", "deny"),
 )
 CHURNING_LAST = (
     ("lastguard", "miss-rs256"),
+    ("lastguard_http", "miss-rs256"),
     ("lastguard", "miss-es256"),
+    ("lastguard_http", "miss-es256"),
     ("lastguard", "mix-rs256"),
+    ("lastguard_http", "mix-rs256"),
 )
 RUN_ORDER = CHECKED_FIRST + CHURNING_LAST
 MODES = ("saturate", "paced")
@@ -703,7 +728,7 @@ class RunResult:
             out.append("no request completed")
         expected_hits = 1 - case.fresh_share
         lookups_wrong = abs(self.cache_hit_share - expected_hits) > 0.02
-        if case.alg and self.spec.variant == "lastguard" and lookups_wrong:
+        if case.alg and SERVER_OF.get(self.spec.variant) == "lastguard" and lookups_wrong:
             out.append(f"token cache hits {self.cache_hit_share:.1%}, expected {expected_hits:.0%}")
         return out
 
@@ -772,7 +797,7 @@ class Bench:
         wall = time.monotonic() - wall_before
         after = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
         lookups_after = token_cache_lookups(self.metrics_port)
-        if spec.variant != "lastguard":
+        if SERVER_OF.get(spec.variant) != "lastguard":
             lookups_after = lookups_before
         cpu = {name: after[name] - before[name] for name in self.pids}
         with open(self.wrk_log, "a") as log:
@@ -881,18 +906,21 @@ def sanity_check(
         ("none", REQUEST_PATH, bearer(hot_tokens["RS256"]), 200),
         ("noop", REQUEST_PATH, bearer(hot_tokens["RS256"]), 200),
         ("noop", REQUEST_PATH, {}, 200),
+        ("noop_http", REQUEST_PATH, bearer(hot_tokens["RS256"]), 200),
+        ("noop_http", REQUEST_PATH, {}, 200),
     ]
-    for variant in ("jwt_authn", "lastguard"):
+    for variant in ("jwt_authn", *FLOOR_OF):
         for alg in ALGORITHMS:
             checks.append((variant, REQUEST_PATH, bearer(hot_tokens[alg]), 200))
             checks.append((variant, REQUEST_PATH, bearer(pool_tokens[alg]), 200))
         checks.append((variant, REQUEST_PATH, {}, 401))
         checks.append((variant, REQUEST_PATH, bearer(hot_tokens["RS256"] + "x"), 401))
-    checks += [
-        ("lastguard", "/admin/users", bearer(hot_tokens["RS256"]), 403),
-        ("lastguard", "/api/payments/1", bearer(hot_tokens["RS256"]), 403),
-        ("lastguard", "/healthz", {}, 200),
-    ]
+    for variant in FLOOR_OF:
+        checks += [
+            (variant, "/admin/users", bearer(hot_tokens["RS256"]), 403),
+            (variant, "/api/payments/1", bearer(hot_tokens["RS256"]), 403),
+            (variant, "/healthz", {}, 200),
+        ]
     problems = []
     for listener, path, headers, expected in checks:
         response = envoy.request("GET", path, headers, listener=listener)
@@ -952,7 +980,7 @@ def summarize(results: Sequence[RunResult]) -> list[Row]:
             continue
         sat = _quiet([r for r in mine if r.spec.mode == "saturate"])
         paced = _quiet([r for r in mine if r.spec.mode == "paced"])
-        server = variant if variant in ("lastguard", "noop") else None
+        server = SERVER_OF.get(variant)
 
         def cpu(runs: Sequence[RunResult], process: str | None) -> float:
             return _median([r.cpu_per_1k(process) for r in runs]) if process else math.nan
@@ -1036,14 +1064,16 @@ def _jwt_authn_peer(case: str) -> str:
 
 
 def ratios(rows: Sequence[Row]) -> list[dict[str, Any]]:
-    noop = _row(rows, "noop", "hit-rs256")
+    """Each lastguard row against its protocol's no-op floor and against jwt_authn."""
     out = []
     for row in rows:
-        if row.variant != "lastguard":
+        if row.variant not in FLOOR_OF:
             continue
+        noop = _row(rows, FLOOR_OF[row.variant], "hit-rs256")
         peer = _row(rows, "jwt_authn", _jwt_authn_peer(row.case))
         out.append(
             {
+                "variant": row.variant,
                 "case": row.case,
                 "rps_vs_noop": row.rps / noop.rps if noop else math.nan,
                 "cpu_vs_noop": row.server_cpu_s_per_1k / noop.server_cpu_s_per_1k
@@ -1065,13 +1095,14 @@ def ratios(rows: Sequence[Row]) -> list[dict[str, Any]]:
 def ratios_table(items: Sequence[dict[str, Any]]) -> None:
     lines = [
         (
-            "lastguard case", "req/s / no-op", "CPU / no-op", "p99 @1k/s - no-op",
+            "variant", "case", "req/s / no-op", "CPU / no-op", "p99 @1k/s - no-op",
             "req/s / jwt_authn", "p99 @1k/s - jwt_authn", "(jwt_authn case)",
         )
     ]  # fmt: skip
     for item in items:
         lines.append(
             (
+                item.get("variant", "lastguard"),
                 item["case"],
                 _fmt(item["rps_vs_noop"], ".2f") + "x",
                 _fmt(item["cpu_vs_noop"], ".2f") + "x",
@@ -1081,14 +1112,13 @@ def ratios_table(items: Sequence[dict[str, Any]]) -> None:
                 item["jwt_authn_case"] or "-",
             )
         )
-    print_table(lines, right=[False, True, True, True, True, True, False])
+    print_table(lines, right=[False, False, True, True, True, True, True, False])
 
 
 def targets(
     rows: Sequence[Row], items: Sequence[dict[str, Any]], idle_rss: float
 ) -> list[dict[str, Any]]:
     """The issue's targets, each with its measured value and pass or FAIL."""
-    by_case = {item["case"]: item for item in items}
     out: list[dict[str, Any]] = []
 
     def target(name: str, value: float, limit: float, unit: str, higher_is_better: bool) -> None:
@@ -1103,20 +1133,25 @@ def targets(
             }
         )
 
-    for case in ("hit-rs256", "hit-es256"):
-        if case in by_case:
-            item = by_case[case]
-            target(f"{case}: CPU per request <= 1.2x no-op", item["cpu_vs_noop"], 1.2, "x", False)
-            target(f"{case}: throughput >= 0.9x no-op", item["rps_vs_noop"], 0.9, "x", True)
+    for item in items:
+        name = f"{item.get('variant', 'lastguard')} {item['case']}"
+        if item["case"] in ("hit-rs256", "hit-es256"):
+            target(f"{name}: CPU per request <= 1.2x no-op", item["cpu_vs_noop"], 1.2, "x", False)
+            target(f"{name}: throughput >= 0.9x no-op", item["rps_vs_noop"], 0.9, "x", True)
     for item in items:
         if item["case"] != "deny":
             target(
-                f"{item['case']}: p99 at 1k req/s within 2 ms of jwt_authn",
+                f"{item.get('variant', 'lastguard')} {item['case']}: p99 at 1k req/s within "
+                "2 ms of jwt_authn",
                 item["paced_p99_minus_jwt_authn_ms"], 2.0, "ms", False,
             )  # fmt: skip
-    hit, miss = _row(rows, "lastguard", "hit-rs256"), _row(rows, "lastguard", "miss-rs256")
-    if hit and miss:
-        target("miss-rs256: throughput >= 0.45x hit-rs256", miss.rps / hit.rps, 0.45, "x", True)
+    for variant in FLOOR_OF:
+        hit, miss = _row(rows, variant, "hit-rs256"), _row(rows, variant, "miss-rs256")
+        if hit and miss:
+            target(
+                f"{variant} miss-rs256: throughput >= 0.45x hit-rs256",
+                miss.rps / hit.rps, 0.45, "x", True,
+            )  # fmt: skip
     target("lastguard idle RSS < 60 MB", idle_rss, 60.0, "MB", False)
     return out
 
@@ -1284,21 +1319,36 @@ def main(argv: list[str] | None = None) -> int:
             metrics=True,  # its token cache counters tell each run's hits and misses
             reload_interval=1.0,
             ready_timeout=30.0,
+            extra_args=["--http-listen", f"{HOST}:0"],
         )
         stack.callback(sidecar.stop)
         sidecar.start()
         time.sleep(1.0)  # let start-up settle before reading the idle footprint
         idle_rss = rss_mb(sidecar.pid)
-        say(f"lastguard  127.0.0.1:{sidecar.port} (pid {sidecar.pid}), idle RSS {idle_rss:.1f} MB")
+        say(
+            f"lastguard  127.0.0.1:{sidecar.port} gRPC, :{sidecar.http_port} HTTP "
+            f"(pid {sidecar.pid}), idle RSS {idle_rss:.1f} MB"
+        )
 
         noop = NoopServer(logs / "noop.log")
         stack.callback(noop.stop)
         noop.start()
         noop_idle_rss = rss_mb(noop.pid)
-        say(f"no-op      127.0.0.1:{noop.port} (pid {noop.pid}), idle RSS {noop_idle_rss:.1f} MB")
+        say(
+            f"no-op      127.0.0.1:{noop.port} gRPC, :{noop.http_port} HTTP "
+            f"(pid {noop.pid}), idle RSS {noop_idle_rss:.1f} MB"
+        )
 
         envoy = envoy_support.EnvoyProcess(
-            bench_listeners(issuer.jwks_json(), sidecar.port, noop.port),
+            bench_listeners(
+                issuer.jwks_json(),
+                {
+                    "lastguard": sidecar.port,
+                    "lastguard_http": sidecar.http_port or 0,
+                    "noop": noop.port,
+                    "noop_http": noop.http_port,
+                },
+            ),
             workdir=logs / "envoy",
             startup_timeout=30.0,
         )
@@ -1330,7 +1380,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.wrk_log.unlink(missing_ok=True)
         runs_by_round = [[r for r in runs if r.round == n] for n in range(settings.rounds)]
         bench.disturbance_budget = settings.disturbance_budget * len(runs) * settings.duration
-        for variant in ("none", "jwt_authn", "noop", "lastguard"):
+        for variant in VARIANT_CASES:
             bench.run(RunSpec(-1, variant, "hit-rs256", "saturate"), settings.warmup)
         say(
             f"warmed up; {len(runs)} runs of {settings.duration}s: {settings.rounds} rounds x "
@@ -1343,18 +1393,15 @@ def main(argv: list[str] | None = None) -> int:
                 bench.run(RunSpec(spec.round, "lastguard", "hit-rs256", "saturate"), 2)
             result = bench.measure(spec, spare)
             results.append(result)
-            cpu = (
-                f", {spec.variant} CPU {result.cpu_per_1k(spec.variant):.3f} s/1k"
-                if spec.variant in ("lastguard", "noop")
-                else ""
-            )
+            server = SERVER_OF.get(spec.variant)
+            cpu = f", {server} CPU {result.cpu_per_1k(server):.3f} s/1k" if server else ""
             flag = "  !! " + "; ".join(result.problems) if result.problems else ""
             if result.attempts > 1:
                 flag += f"  (attempt {result.attempts}: other processes were busy)"
             if result.other_cores > OTHER_LOAD_NOTICE:
                 flag += f"  (other processes: {result.other_cores:.2f} cores)"
             say(
-                f"round {spec.round + 1}/{settings.rounds} {spec.mode:8} {spec.variant:9} "
+                f"round {spec.round + 1}/{settings.rounds} {spec.mode:8} {spec.variant:14} "
                 f"{spec.case:10} {result.rps:9,.0f} req/s  p50 {result.p50_ms:6.2f} ms  "
                 f"p99 {result.p99_ms:6.2f} ms{cpu}{flag}"
             )
@@ -1405,12 +1452,15 @@ def print_report(
     )
     results_table(rows)
     print()
-    print("lastguard against the floor (no-op ext_authz) and Envoy's native jwt_authn")
+    print(
+        "lastguard against its protocol's floor (no-op ext_authz server: gRPC for lastguard, "
+        "HTTP for lastguard_http) and Envoy's native jwt_authn"
+    )
     ratios_table(items)
     fresh_sent = sum(
         round(r.requests * CASES[r.spec.case].fresh_share)
         for r in results
-        if r.spec.variant == "lastguard"
+        if r.spec.variant in FLOOR_OF
     )
     print()
     print(

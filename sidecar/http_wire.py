@@ -43,9 +43,11 @@ HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
 UPSTREAM_HEADER_PREFIX = "x-"
 UPSTREAM_HEADERS_EXACT = frozenset({"cookie"})
 
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-#: Control characters but horizontal tab (RFC 9110 field values); CR and LF included.
-_CONTROLS = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_TCHARS = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+#: Every byte but the control characters RFC 9110 forbids in a field (all but HTAB).
+_NOT_CONTROLS = bytes(b for b in range(256) if b == 0x09 or 0x20 <= b < 0x7F or b > 0x7F)
+#: A request line: a method token, a target without spaces or control characters.
+_REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [^\x00-\x20\x7f]+ HTTP/1\.1")
 _REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -76,37 +78,31 @@ class RequestHead:
     keep_alive: bool
 
 
-def _is_token(value: bytes) -> bool:
-    return _TOKEN.fullmatch(value) is not None
-
-
-def _has_controls(value: bytes) -> bool:
-    return _CONTROLS.search(value) is not None
-
-
 def parse_head(head: bytes) -> RequestHead:
     """Parses a request head: everything before the blank line, without it.
 
     Raises `WireError` for anything that is not a well-formed HTTP/1.1 request.
+    Control characters are found with one `bytes.translate` over the head (C
+    speed; a regular expression walking an 800-byte token costs ~10 us): what
+    remains must be exactly the CRLFs that end the lines.
     """
     lines = head.split(b"\r\n")
     if len(lines) - 1 > MAX_HEADER_LINES:
         raise WireError(431, "too many header lines")
-    parts = lines[0].split(b" ")
-    if len(parts) != 3 or parts[2] != b"HTTP/1.1" or not _is_token(parts[0]):
+    if head.translate(None, _NOT_CONTROLS) != b"\r\n" * (len(lines) - 1):
+        raise WireError(400, "control character in the request head")
+    request_line = lines[0]
+    if _REQUEST_LINE.fullmatch(request_line) is None:
         raise WireError(400, "bad request line")
-    target = parts[1]
-    if not target or _has_controls(target) or b"\t" in target:
-        raise WireError(400, "bad request target")
     headers: dict[str, str] = {}
     for line in lines[1:]:
-        name, colon, raw = line.partition(b":")
-        if not colon or not _is_token(name) or _has_controls(raw):
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name.translate(None, _TCHARS):
             raise WireError(400, "bad header line")
         key = name.decode("ascii").lower()
-        value = raw.strip(b" \t").decode("latin-1")
+        text = value.strip(b" \t").decode("latin-1")
         previous = headers.get(key)
-        headers[key] = value if previous is None else f"{previous},{value}"
+        headers[key] = text if previous is None else f"{previous},{text}"
     if "transfer-encoding" in headers:
         raise WireError(400, "transfer-encoding is not accepted (Envoy sends content-length)")
     length_text = headers.get("content-length", "0")
@@ -115,13 +111,14 @@ def parse_head(head: bytes) -> RequestHead:
     body_length = int(length_text)
     if body_length > MAX_BODY_BYTES:
         raise WireError(413, "body too large")
-    keep_alive = "close" not in headers.get("connection", "").lower()
+    connection = headers.get("connection")
+    method, _, rest = request_line.decode("latin-1").partition(" ")
     return RequestHead(
-        method=parts[0].decode("ascii"),
-        path=target.decode("latin-1"),
+        method=method,
+        path=rest[:-9],  # without " HTTP/1.1"
         headers=headers,
         body_length=body_length,
-        keep_alive=keep_alive,
+        keep_alive=connection is None or "close" not in connection.lower(),
     )
 
 

@@ -9,7 +9,6 @@ background loop still polls in real time), so nothing waits for a 10-minute TTL.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,28 +17,13 @@ from typing import Any
 import pytest
 
 from tests.support import envoy as envoy_support
+from tests.support.clock import FakeClock
 from tests.support.envoy import EnvoyProcess, HttpResponse, StartEnvoy
 from tests.support.issuer import ThreadedTestIssuer
 from tests.support.sidecar import PolicyWriter, SidecarThread, StartSidecar
 from tests.support.upstream import UpstreamApp
 
 pytestmark = pytest.mark.e2e
-
-
-class FakeClock:
-    """A monotonic clock that only moves when the test says so (thread-safe)."""
-
-    def __init__(self) -> None:
-        self._now = 1_000.0
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self._lock:
-            return self._now
-
-    def advance(self, seconds: float) -> None:
-        with self._lock:
-            self._now += seconds
 
 
 def policy(issuer: ThreadedTestIssuer, **issuer_fields: Any) -> dict[str, Any]:

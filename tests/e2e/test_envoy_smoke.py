@@ -41,6 +41,8 @@ from tests.support.upstream import UpstreamApp
 
 ROOT = Path(__file__).resolve().parents[2]
 SIDECAR_MANIFEST = ROOT / "manifests" / "envoy" / "envoy-sidecar.yaml"
+#: The bootstrap for lastguard's HTTP mode (--http-listen 127.0.0.1:9192).
+SIDECAR_HTTP_MANIFEST = ROOT / "manifests" / "envoy" / "envoy-sidecar-http.yaml"
 SAMPLES = sorted((ROOT / "manifests" / "samples").glob("*.yaml"))
 
 DENIAL_BODY = {"error": "invalid_token", "error_description": "the test server says no"}
@@ -318,8 +320,11 @@ def test_sidecar_without_a_loadable_policy_fails_closed(
 
 
 @pytest.mark.e2e
-def test_sidecar_manifest_validates_with_envoy() -> None:
-    envoy_support.validate(SIDECAR_MANIFEST)
+@pytest.mark.parametrize(
+    "manifest", [SIDECAR_MANIFEST, SIDECAR_HTTP_MANIFEST], ids=["grpc", "http"]
+)
+def test_sidecar_manifest_validates_with_envoy(manifest: Path) -> None:
+    envoy_support.validate(manifest)
 
 
 @pytest.mark.e2e
@@ -334,7 +339,9 @@ def test_validate_rejects_a_broken_bootstrap(tmp_path: Path) -> None:
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_sidecar_manifest_as_shipped_with_the_sidecar_cli(
+    protocol: str,
     start_envoy: StartEnvoy,
     start_sidecar_process: StartSidecarProcess,
     write_policy: PolicyWriter,
@@ -342,11 +349,14 @@ def test_sidecar_manifest_as_shipped_with_the_sidecar_cli(
     upstream: UpstreamApp,
 ) -> None:
     policy = api_policy(issuer)
-    sidecar: SidecarProcess = start_sidecar_process(write_policy(policy))
+    http_port = free_port()  # fixed: the restart below must come back where Envoy points
+    extra = ["--http-listen", f"127.0.0.1:{http_port}"] if protocol == "http" else []
+    sidecar: SidecarProcess = start_sidecar_process(write_policy(policy), extra_args=extra)
+    manifest = SIDECAR_HTTP_MANIFEST if protocol == "http" else SIDECAR_MANIFEST
     config = envoy_support.rewrite_sidecar_bootstrap(
-        yaml.safe_load(SIDECAR_MANIFEST.read_text()),
+        yaml.safe_load(manifest.read_text()),
         app_port=upstream.port,
-        authz_port=sidecar.port,
+        authz_port=http_port if protocol == "http" else sidecar.port,
     )
     envoy = start_envoy(bootstrap_config=config)
     token = issuer.mint({"sub": "alice"}, audience="api")

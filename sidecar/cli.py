@@ -121,6 +121,14 @@ def build_parser(operator_flags: bool = True) -> argparse.ArgumentParser:
         default=None,
         help="HTTP address for Kubernetes probes: GET /healthz and /readyz (e.g. 0.0.0.0:9091)",
     )
+    side.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="sidecar processes sharing the ports (SO_REUSEPORT), for more than one core; "
+        "needs fixed ports (default 1)",
+    )
+    side.add_argument("--ready-file", type=Path, default=None, help=argparse.SUPPRESS)
     side.add_argument("--realm", default="lastguard", help="realm in WWW-Authenticate challenges")
     side.add_argument(
         "--allow-without-policy",
@@ -208,6 +216,14 @@ def _sidecar_source_problem(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _workers_problem(args: argparse.Namespace) -> str | None:
+    from lastguard.sidecar.workers import fixed_port_problem
+
+    if args.workers < 1:
+        return "--workers must be at least 1"
+    return fixed_port_problem(args.listen, args.http_listen)
+
+
 def _add_operator_flags(parser: argparse.ArgumentParser) -> None:
     # Imported here so the sidecar never loads kopf or the Kubernetes client.
     from lastguard.operator import main as operator_main
@@ -253,6 +269,7 @@ async def _run_sidecar(args: argparse.Namespace) -> int:
         pod_name=socket.gethostname(),  # a pod's hostname is its name; pod info overrides
         listen=args.listen,
         http_listen=args.http_listen,
+        ready_file=args.ready_file,
         metrics_listen=args.metrics_listen,
         health_listen=args.health_listen,
         gc_full_interval=args.gc_full_interval,
@@ -337,9 +354,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "sidecar":
         problem = _sidecar_source_problem(args)
+        if problem is None and args.workers != 1:
+            problem = _workers_problem(args)
         if problem is not None:
             parser.error(problem)
     logs.configure(args.log_level)
+    if args.command == "sidecar" and args.workers > 1:
+        from lastguard.sidecar.workers import Supervisor
+
+        supervisor = Supervisor(
+            argv,
+            args.workers,
+            metrics_listen=args.metrics_listen,
+            health_listen=args.health_listen,
+        )
+        with contextlib.suppress(KeyboardInterrupt):
+            return asyncio.run(supervisor.run())
+        return 130
     runner = {
         "sidecar": _run_sidecar,
         "verify": _run_verify,

@@ -34,7 +34,13 @@ POLICY_RELOADS = Counter(
     "Policy (re)loads by result (ok, error).",
     ["result"],
 )
-POLICIES_LOADED = Gauge("lastguard_policies_loaded", "Number of JWTPolicies currently loaded.")
+# Gauges say how to combine worker processes (`--workers`, prometheus multiprocess mode);
+# with one process the mode changes nothing.
+POLICIES_LOADED = Gauge(
+    "lastguard_policies_loaded",
+    "Number of JWTPolicies currently loaded.",
+    multiprocess_mode="livemax",
+)
 POLICY_SNAPSHOTS = Counter(
     "lastguard_policy_snapshots_total",
     "Snapshots received from the policy server, by result (applied, rejected, unchanged); "
@@ -43,5 +49,7 @@ POLICY_SNAPSHOTS = Counter(
 )
 POLICY_SERVER_CONNECTED = Gauge(
     "lastguard_policy_server_connected",
-    "1 while the stream to the policy server is open and has delivered a snapshot, else 0.",
+    "1 while the stream to the policy server is open and has delivered a snapshot, else 0 "
+    "(with several workers: 0 if any worker is disconnected).",
+    multiprocess_mode="livemin",
 )

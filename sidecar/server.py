@@ -75,6 +75,9 @@ class SidecarConfig:
     #: Seconds between scheduled full garbage collections (see gc_tuning); 0: Python's
     #: default collector settings.
     gc_full_interval: float = 0.0
+    #: Touched once a policy set is loaded, removed at stop: how a `--workers` supervisor
+    #: learns this worker is ready.
+    ready_file: Path | None = None
     workload: Workload | None = None
     default_namespace: str = "default"
     realm: str = "lastguard"
@@ -252,8 +255,12 @@ class Sidecar:
         """Health follows the store: SERVING from its first applied policy set on."""
         await self._ready.wait()
         await self._set_serving(True)
+        if self.config.ready_file is not None:
+            self.config.ready_file.touch()
 
     async def stop(self) -> None:
+        if self.config.ready_file is not None:
+            self.config.ready_file.unlink(missing_ok=True)
         if self.server is not None:
             await self._set_serving(False)
             if self.http is not None:

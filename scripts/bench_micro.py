@@ -35,6 +35,7 @@ from lastguard.sidecar.compile import compile_policy  # noqa: E402
 from lastguard.sidecar.devissuer import DevIssuer  # noqa: E402
 from lastguard.sidecar.jwks_cache import StaticKeySource  # noqa: E402
 from lastguard.sidecar.policy.parse import parse_policy  # noqa: E402
+from lastguard.sidecar.recording import CheckRecorder  # noqa: E402
 from lastguard.sidecar.server import AuthorizationService  # noqa: E402
 
 ISSUERS = ("https://a.idp.example", "https://b.idp.example", "https://c.idp.example")
@@ -91,7 +92,7 @@ def build_service() -> tuple[AuthorizationService, DevIssuer]:
     authorizer.install(
         compile_policy(policy, lambda i: StaticKeySource.from_jwks(i.jwks or "", label=i.issuer))
     )
-    return AuthorizationService(authorizer, "lastguard"), issuers[-1]
+    return AuthorizationService(authorizer, "lastguard", CheckRecorder()), issuers[-1]
 
 
 def check_request(path: str, token: str | None, method: str = "GET") -> pb.CheckRequest:

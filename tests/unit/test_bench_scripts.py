@@ -1,0 +1,65 @@
+"""The benchmark scripts stay runnable: the plan, the ratios, and the in-process micro bench.
+
+They are not part of the product, but a benchmark that silently breaks (a
+constructor changes, a variant loses its floor) measures nothing; these are the
+cheap checks. The benchmarks themselves are run by hand (`make bench`).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import bench  # noqa: E402
+
+
+def row(variant: str, case: str, rps: float, cpu: float, paced_p99: float) -> bench.Row:
+    return bench.Row(
+        variant=variant, case=case, rps=rps, p50_ms=1.0, p99_ms=2.0, paced_rps=1000.0,
+        paced_p99_ms=paced_p99, server_cpu_s_per_1k=cpu, envoy_cpu_s_per_1k=0.1,
+        paced_server_cpu_s_per_1k=cpu, cache_hit_share=1.0, runs=3, left_out=0, problems=[],
+    )  # fmt: skip
+
+
+def test_the_plan_covers_every_variant_and_case_once_per_round_and_mode() -> None:
+    runs, needed = bench.plan(bench.Settings(rounds=2))
+    pairs = {(v, c) for v, cases in bench.VARIANT_CASES.items() for c in cases}
+    assert len(runs) == 2 * len(bench.MODES) * len(pairs)
+    assert {(r.variant, r.case) for r in runs} == pairs
+    assert set(needed) == set(bench.ALGORITHMS)
+    assert set(bench.SERVER_OF) == set(bench.PROTOCOL_OF)
+    assert set(bench.FLOOR_OF.values()) <= set(bench.VARIANT_CASES)
+
+
+def test_each_lastguard_variant_is_held_to_its_own_protocols_floor() -> None:
+    rows = [
+        row("noop", "hit-rs256", 4000, 0.30, 3.0),
+        row("noop_http", "hit-rs256", 8000, 0.04, 1.5),
+        row("jwt_authn", "hit-rs256", 12000, float("nan"), 1.0),
+        row("lastguard", "hit-rs256", 3600, 0.33, 3.5),
+        row("lastguard_http", "hit-rs256", 6000, 0.06, 2.0),
+    ]
+    items = {item["variant"]: item for item in bench.ratios(rows)}
+    assert items["lastguard"]["rps_vs_noop"] == pytest.approx(0.9)
+    assert items["lastguard_http"]["rps_vs_noop"] == pytest.approx(0.75)
+    assert items["lastguard_http"]["cpu_vs_noop"] == pytest.approx(1.5)
+    assert items["lastguard_http"]["paced_p99_minus_jwt_authn_ms"] == pytest.approx(1.0)
+    verdicts = {t["target"]: t["pass"] for t in bench.targets(rows, list(items.values()), 55.0)}
+    assert verdicts["lastguard hit-rs256: throughput >= 0.9x no-op"]
+    assert not verdicts["lastguard_http hit-rs256: CPU per request <= 1.2x no-op"]
+    assert verdicts["lastguard_http hit-rs256: p99 at 1k req/s within 2 ms of jwt_authn"]
+
+
+def test_the_micro_benchmark_runs() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_micro.py"), "-n", "20", "--rounds", "1"],
+        capture_output=True, text=True, timeout=120, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "cache hit" in done.stdout

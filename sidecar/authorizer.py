@@ -88,7 +88,7 @@ class Authorizer:
             raise errors.MissingToken()
         verified = await self.authenticator.authenticate(found, policy)
         try:
-            claims_mod.require_scopes(verified.claims, rule.required_scopes)
+            claims_mod.require_scopes(verified.scopes, rule.required_scopes)
             claims_mod.require_claims(verified.claims, rule.required_claims)
         except errors.AccessError as exc:
             return Decision.from_error(exc), verified

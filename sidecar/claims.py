@@ -81,8 +81,9 @@ def granted_scopes(claims: dict[str, Any]) -> frozenset[str]:
     return frozenset(out)
 
 
-def require_scopes(claims: dict[str, Any], required: tuple[str, ...]) -> None:
-    if required and not granted_scopes(claims).issuperset(required):
+def require_scopes(granted: frozenset[str], required: tuple[str, ...]) -> None:
+    """`granted` is `granted_scopes(claims)` (computed once per verified token)."""
+    if required and not granted.issuperset(required):
         raise errors.InsufficientScope(required)
 
 

@@ -9,6 +9,11 @@ keys. An entry:
   every token verified before is verified again: a removed key stops working
   at the next key refresh.
 Bounded by entries and by approximate bytes; least recently used goes first.
+An expired entry goes when it is next looked up or reaches the LRU end.
+
+It is cachetools' `LRUCache` with the expiry checked here, not `TLRUCache`:
+a hit costs ~0.3 us against ~1.7 us (TLRU keeps a second, time-ordered
+structure up to date on every access), and a hit is most of what Check does.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from dataclasses import dataclass, field
 from hashlib import sha256
 from typing import TYPE_CHECKING, Any
 
-from cachetools import TLRUCache
+from cachetools import LRUCache
+
+from lastguard.sidecar.claims import granted_scopes
 
 if TYPE_CHECKING:
     from lastguard.sidecar.compile import CompiledIssuer
@@ -39,13 +46,11 @@ class VerifiedToken:
     generation: int
     expires_at: float
     size: int
+    #: The scopes the token grants (`scope` / `scp`), parsed once.
+    scopes: frozenset[str]
     #: Results derived from this token alone (the allowed Decision per token location),
     #: computed once and reused by every later request with the same token.
     memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
-
-
-def _time_to_use(_key: bytes, value: VerifiedToken, _now: float) -> float:
-    return value.expires_at
 
 
 class TokenCache:
@@ -56,8 +61,9 @@ class TokenCache:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.max_entries = max_entries
-        self._cache: TLRUCache[bytes, VerifiedToken] = TLRUCache(
-            maxsize=max_bytes, ttu=_time_to_use, timer=clock, getsizeof=lambda v: v.size
+        self.clock = clock
+        self._cache: LRUCache[bytes, VerifiedToken] = LRUCache(
+            maxsize=max_bytes, getsizeof=lambda v: v.size
         )
 
     @staticmethod
@@ -70,7 +76,10 @@ class TokenCache:
         The caller must still check that `entry.issuer` belongs to the policy at hand.
         """
         entry = self._cache.get(digest)
-        if entry is None or entry.generation != entry.issuer.keys.generation:
+        if entry is None:
+            return None
+        if self.clock() >= entry.expires_at or entry.generation != entry.issuer.keys.generation:
+            self._cache.pop(digest, None)
             return None
         return entry
 
@@ -90,12 +99,14 @@ class TokenCache:
             generation=generation,
             expires_at=expires_at,
             size=_ENTRY_OVERHEAD + _BYTES_PER_PAYLOAD_BYTE * len(payload_segment),
+            scopes=granted_scopes(claims),
         )
-        if entry.size > self._cache.maxsize:
+        if entry.size > self._cache.maxsize or self.max_entries < 1:
             return entry
+        self._cache.pop(digest, None)
         while len(self._cache) >= self.max_entries:
             self._cache.popitem()
-        self._cache[digest] = entry
+        self._cache[digest] = entry  # evicts the least recently used over the byte bound
         return entry
 
     def clear(self) -> None:

@@ -11,12 +11,15 @@ What a pod gets:
   are loaded, `/healthz` while the process runs; the kubelet probes the pod IP,
   so the probes cannot use the loopback-only gRPC port).
 - `envoy` mode: the above plus `lastguard-envoy`, an Envoy whose bootstrap is
-  generated per pod (`envoy_bootstrap`, the shipped
+  generated per pod (`bootstrap.envoy_bootstrap`, the shipped
   manifests/envoy/envoy-sidecar.yaml with the pod's ports) and passed with
   `--config-yaml`, so no per-namespace ConfigMap is needed. Envoy listens on
   `lastguard.dev/envoy-port` (8080) and forwards to the app on
   127.0.0.1:`lastguard.dev/app-port` (8081). The Service must target the
   Envoy port, and the app must listen on 127.0.0.1 only.
+- `lastguard.dev/protocol: http` (or the webhook's `--inject-default-protocol`)
+  makes Envoy ask over HTTP (docs/http-mode.md): the sidecar also listens on
+  127.0.0.1:9192, and envoy mode uses manifests/envoy/envoy-sidecar-http.yaml.
 - Volumes `lastguard-podinfo` (downward API, the layout `lastguard.sidecar.podinfo`
   reads), `lastguard-ca` (ConfigMap `lastguard-ca`, which must exist in the pod's
   namespace) and `lastguard-run` (memory emptyDir for the policy snapshot).
@@ -40,11 +43,19 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from lastguard.operator.bootstrap import (
+    CHECK_PORT,
+    ENVOY_ADMIN_PORT,
+    HTTP_CHECK_PORT,
+    Protocol,
+    envoy_bootstrap,
+)
 from lastguard.sidecar import podinfo
 from lastguard.sidecar.errors import LastguardError
 
 INJECT_LABEL = "lastguard.dev/inject"
 MODE_ANNOTATION = "lastguard.dev/mode"
+PROTOCOL_ANNOTATION = "lastguard.dev/protocol"
 APP_PORT_ANNOTATION = "lastguard.dev/app-port"
 ENVOY_PORT_ANNOTATION = "lastguard.dev/envoy-port"
 INJECTED_ANNOTATION = "lastguard.dev/injected"
@@ -66,10 +77,8 @@ CA_FILE = "ca.crt"  # the file name in CA_DIR, whatever the ConfigMap key
 RUN_DIR = "/var/run/lastguard"
 SNAPSHOT_FILE = f"{RUN_DIR}/snapshot.json"
 
-CHECK_PORT = 9191  # ext_authz gRPC, 127.0.0.1 only
 METRICS_PORT = 9090
 HEALTH_PORT = 9091
-ENVOY_ADMIN_PORT = 9901  # 127.0.0.1 only
 DEFAULT_APP_PORT = 8081
 DEFAULT_ENVOY_PORT = 8080
 
@@ -127,6 +136,8 @@ class InjectionConfig:
     resources: Resources = field(default_factory=Resources)
     envoy_resources: Resources = field(default_factory=Resources)
     default_mode: Mode = Mode.SIDECAR
+    #: How Envoy asks lastguard unless the pod's `lastguard.dev/protocol` says otherwise.
+    default_protocol: Protocol = Protocol.GRPC
     log_level: str = "info"
     #: Added to ALWAYS_EXCLUDED (put the operator's own namespace here).
     excluded_namespaces: frozenset[str] = frozenset()
@@ -175,16 +186,18 @@ def decide(pod: Mapping[str, Any], namespace: str, config: InjectionConfig) -> D
         return Decision(None, "already-injected")
 
     mode = _mode(annotations, config)
+    protocol = _protocol(annotations, config)
     _refuse_clashes(spec, names, mode)
     app_port, envoy_port = _ports(annotations) if mode is Mode.ENVOY else (0, 0)
     _refuse_port_clashes((*containers, *init_containers), mode, envoy_port)
 
-    new_containers = [_sidecar_container(config)]
+    new_containers = [_sidecar_container(config, protocol)]
     if mode is Mode.ENVOY:
-        new_containers.append(_envoy_container(config, app_port, envoy_port))
+        new_containers.append(_envoy_container(config, app_port, envoy_port, protocol))
     volumes = _volumes(config)
     status = {
         "mode": str(mode),
+        "protocol": str(protocol),
         "containers": [c["name"] for c in new_containers],
         "volumes": [v["name"] for v in volumes],
     }
@@ -232,6 +245,18 @@ def _mode(annotations: Mapping[str, Any], config: InjectionConfig) -> Mode:
         ) from None
 
 
+def _protocol(annotations: Mapping[str, Any], config: InjectionConfig) -> Protocol:
+    value = annotations.get(PROTOCOL_ANNOTATION)
+    if value is None:
+        return config.default_protocol
+    try:
+        return Protocol(value)
+    except ValueError:
+        raise InjectionRefused(
+            f"annotation {PROTOCOL_ANNOTATION}: {value!r} is not one of grpc, http"
+        ) from None
+
+
 def _port(annotations: Mapping[str, Any], key: str, default: int) -> int:
     value = annotations.get(key)
     if value is None:
@@ -259,6 +284,7 @@ def _ports(annotations: Mapping[str, Any]) -> tuple[int, int]:
 def _reserved_ports(mode: Mode, envoy_port: int) -> dict[int, str]:
     ports = {
         CHECK_PORT: "lastguard's ext_authz",
+        HTTP_CHECK_PORT: "lastguard's HTTP ext_authz",
         METRICS_PORT: "lastguard's metrics",
         HEALTH_PORT: "lastguard's health checks",
     }
@@ -351,8 +377,13 @@ def _security_context() -> dict[str, Any]:
     }
 
 
-def sidecar_args(config: InjectionConfig) -> list[str]:
-    """The arguments of the injected container's `lastguard` command."""
+def sidecar_args(config: InjectionConfig, protocol: Protocol = Protocol.GRPC) -> list[str]:
+    """The arguments of the injected container's `lastguard` command.
+
+    gRPC is always served (its health service too); `Protocol.HTTP` adds the HTTP
+    ext_authz listener on 127.0.0.1:9192.
+    """
+    http = ["--http-listen", f"127.0.0.1:{HTTP_CHECK_PORT}"] if protocol is Protocol.HTTP else []
     return [
         "--log-level",
         config.log_level,
@@ -371,16 +402,17 @@ def sidecar_args(config: InjectionConfig) -> list[str]:
         f"0.0.0.0:{METRICS_PORT}",
         "--health-listen",
         f"0.0.0.0:{HEALTH_PORT}",
+        *http,
     ]
 
 
-def _sidecar_container(config: InjectionConfig) -> dict[str, Any]:
+def _sidecar_container(config: InjectionConfig, protocol: Protocol) -> dict[str, Any]:
     return {
         "name": SIDECAR_CONTAINER,
         "image": config.image,
         "imagePullPolicy": config.image_pull_policy,
         "command": ["lastguard"],  # whatever the image's entrypoint
-        "args": sidecar_args(config),
+        "args": sidecar_args(config, protocol),
         "ports": [
             {"name": "lg-metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
             {"name": "lg-health", "containerPort": HEALTH_PORT, "protocol": "TCP"},
@@ -412,9 +444,11 @@ def _sidecar_container(config: InjectionConfig) -> dict[str, Any]:
     }
 
 
-def envoy_args(config: InjectionConfig, app_port: int, envoy_port: int) -> list[str]:
+def envoy_args(
+    config: InjectionConfig, app_port: int, envoy_port: int, protocol: Protocol = Protocol.GRPC
+) -> list[str]:
     """The Envoy command line of the injected container (after `envoy`)."""
-    bootstrap = json.dumps(envoy_bootstrap(app_port, envoy_port), separators=(",", ":"))
+    bootstrap = json.dumps(envoy_bootstrap(app_port, envoy_port, protocol), separators=(",", ":"))
     return [
         "--config-yaml",
         bootstrap,  # JSON is YAML
@@ -427,7 +461,9 @@ def envoy_args(config: InjectionConfig, app_port: int, envoy_port: int) -> list[
     ]
 
 
-def _envoy_container(config: InjectionConfig, app_port: int, envoy_port: int) -> dict[str, Any]:
+def _envoy_container(
+    config: InjectionConfig, app_port: int, envoy_port: int, protocol: Protocol
+) -> dict[str, Any]:
     # The admin API stays on loopback, so the probes can only see that the listener accepts.
     listening = {"tcpSocket": {"port": envoy_port}}
     return {
@@ -435,7 +471,7 @@ def _envoy_container(config: InjectionConfig, app_port: int, envoy_port: int) ->
         "image": config.envoy_image,
         "imagePullPolicy": config.image_pull_policy,
         "command": ["envoy"],
-        "args": envoy_args(config, app_port, envoy_port),
+        "args": envoy_args(config, app_port, envoy_port, protocol),
         "ports": [{"name": "lg-http", "containerPort": envoy_port, "protocol": "TCP"}],
         "readinessProbe": {**listening, "periodSeconds": 2, "timeoutSeconds": 1},
         "livenessProbe": {**listening, "periodSeconds": 10, "timeoutSeconds": 2},
@@ -488,111 +524,3 @@ def _add_entries(metadata: Mapping[str, Any], entries: dict[str, str]) -> list[d
             for k, v in entries.items()
         ]
     return [{"op": "add", "path": "/metadata/annotations", "value": dict(entries)}]
-
-
-# --- the Envoy bootstrap -------------------------------------------------------------------
-
-
-def envoy_bootstrap(app_port: int, envoy_port: int) -> dict[str, Any]:
-    """manifests/envoy/envoy-sidecar.yaml with the pod's ports (why each setting: see there).
-
-    tests/unit/test_inject.py pins that the defaults give exactly the shipped file.
-    """
-
-    def address(host: str, port: int) -> dict[str, Any]:
-        return {"socket_address": {"address": host, "port_value": port}}
-
-    def static_cluster(name: str, port: int, **extra: Any) -> dict[str, Any]:
-        endpoint = {"endpoint": {"address": address("127.0.0.1", port)}}
-        return {
-            "name": name,
-            "type": "STATIC",
-            **extra,
-            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [endpoint]}]},
-        }
-
-    hcm = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
-        ".v3.HttpConnectionManager",
-        "stat_prefix": "ingress",
-        "normalize_path": True,
-        "merge_slashes": True,
-        "path_with_escaped_slashes_action": "UNESCAPE_AND_REDIRECT",
-        "common_http_protocol_options": {"headers_with_underscores_action": "DROP_HEADER"},
-        "use_remote_address": True,
-        "access_log": [
-            {
-                "name": "envoy.access_loggers.stdout",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3"
-                    ".StdoutAccessLog"
-                },
-            }
-        ],
-        "route_config": {
-            "name": "app",
-            "virtual_hosts": [
-                {
-                    "name": "app",
-                    "domains": ["*"],
-                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "app"}}],
-                }
-            ],
-        },
-        "http_filters": [
-            {
-                "name": "envoy.filters.http.ext_authz",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3"
-                    ".ExtAuthz",
-                    "transport_api_version": "V3",
-                    "grpc_service": {"envoy_grpc": {"cluster_name": "lastguard"}, "timeout": "1s"},
-                    "failure_mode_allow": False,
-                    "status_on_error": {"code": "ServiceUnavailable"},
-                    "include_peer_certificate": True,
-                },
-            },
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-                },
-            },
-        ],
-    }
-    http2 = {
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-            "explicit_http_config": {"http2_protocol_options": {}},
-        }
-    }
-    return {
-        "admin": {"address": address("127.0.0.1", ENVOY_ADMIN_PORT)},
-        "static_resources": {
-            "listeners": [
-                {
-                    "name": "ingress",
-                    "address": address("0.0.0.0", envoy_port),  # noqa: S104
-                    "filter_chains": [
-                        {
-                            "filters": [
-                                {
-                                    "name": "envoy.filters.network.http_connection_manager",
-                                    "typed_config": hcm,
-                                }
-                            ]
-                        }
-                    ],
-                }
-            ],
-            "clusters": [
-                static_cluster("app", app_port, connect_timeout="1s"),
-                static_cluster(
-                    "lastguard",
-                    CHECK_PORT,
-                    connect_timeout="0.25s",
-                    typed_extension_protocol_options=http2,
-                ),
-            ],
-        },
-    }

@@ -43,6 +43,7 @@ from aiohttp import web
 from prometheus_client import Counter
 
 from lastguard.operator import inject
+from lastguard.operator.bootstrap import Protocol
 from lastguard.sidecar.errors import LastguardError
 
 log = logging.getLogger("lastguard.operator.webhook")
@@ -314,6 +315,13 @@ def add_webhook_arguments(parser: argparse.ArgumentParser) -> None:
         help="without the lastguard.dev/mode annotation: lastguard only, or lastguard + Envoy",
     )
     web_.add_argument(
+        "--inject-default-protocol",
+        default=Protocol.GRPC.value,
+        choices=[p.value for p in Protocol],
+        help="without the lastguard.dev/protocol annotation: how Envoy asks lastguard "
+        "(http is cheaper per request; docs/http-mode.md)",
+    )
+    web_.add_argument(
         "--inject-log-level", default="info", choices=("debug", "info", "warning", "error")
     )
     defaults = inject.Resources()
@@ -374,6 +382,7 @@ def config_from(args: argparse.Namespace) -> WebhookConfig:
         resources=_resources(args, "inject"),
         envoy_resources=_resources(args, "inject_envoy"),
         default_mode=inject.Mode(args.inject_default_mode),
+        default_protocol=Protocol(args.inject_default_protocol),
         log_level=args.inject_log_level,
         excluded_namespaces=frozenset(excluded),
     )
@@ -483,6 +492,7 @@ async def serve(config: WebhookConfig) -> WebhookHandle:
                     inject.ALWAYS_EXCLUDED | config.injection.excluded_namespaces
                 ),
                 "default_mode": str(config.injection.default_mode),
+                "default_protocol": str(config.injection.default_protocol),
             }
         },
     )

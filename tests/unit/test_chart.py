@@ -375,6 +375,12 @@ def test_injection_mode(values: dict[str, Any], mode: str) -> None:
     assert flags(render(values))["--inject-default-mode"] == [mode]
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_injection_protocol(protocol: str) -> None:
+    values = {} if protocol == "grpc" else {"webhook": {"inject": {"defaultProtocol": "http"}}}
+    assert flags(render(values))["--inject-default-protocol"] == [protocol]
+
+
 def test_operator_arguments() -> None:
     rendered = render()
     container = operator_container(rendered)

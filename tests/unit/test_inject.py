@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from lastguard.operator import inject
+from lastguard.operator import bootstrap, inject
+from lastguard.operator.bootstrap import Protocol
 from lastguard.operator.inject import InjectionConfig, InjectionRefused, MalformedPod, Mode
 from lastguard.sidecar import cli, podinfo
 from tests.support import admission
@@ -128,6 +129,7 @@ def test_sidecar_mode_adds_the_lastguard_container_as_documented() -> None:
             {
                 "containers": ["lastguard"],
                 "mode": "sidecar",
+                "protocol": "grpc",
                 "volumes": ["lastguard-podinfo", "lastguard-ca", "lastguard-run"],
             },
             separators=(",", ":"),
@@ -214,9 +216,49 @@ def test_envoy_mode_ports_come_from_the_annotations() -> None:
     assert envoy["readinessProbe"]["tcpSocket"] == {"port": 8443}
 
 
-def test_the_default_bootstrap_is_exactly_the_shipped_file() -> None:
-    shipped = yaml.safe_load((ROOT / "manifests/envoy/envoy-sidecar.yaml").read_text())
-    assert inject.envoy_bootstrap(8081, 8080) == shipped
+@pytest.mark.parametrize(
+    ("protocol", "manifest"),
+    [(Protocol.GRPC, "envoy-sidecar.yaml"), (Protocol.HTTP, "envoy-sidecar-http.yaml")],
+)
+def test_the_default_bootstrap_is_exactly_the_shipped_file(
+    protocol: Protocol, manifest: str
+) -> None:
+    shipped = yaml.safe_load((ROOT / "manifests/envoy" / manifest).read_text())
+    assert bootstrap.envoy_bootstrap(8081, 8080, protocol) == shipped
+
+
+@pytest.mark.parametrize(
+    ("default", "annotation", "protocol"),
+    [
+        pytest.param(Protocol.GRPC, None, Protocol.GRPC, id="default-grpc"),
+        pytest.param(Protocol.GRPC, "http", Protocol.HTTP, id="annotation-http"),
+        pytest.param(Protocol.HTTP, None, Protocol.HTTP, id="default-http"),
+        pytest.param(Protocol.HTTP, "grpc", Protocol.GRPC, id="annotation-grpc-wins"),
+    ],
+)
+def test_protocol_from_annotation_or_default(
+    default: Protocol, annotation: str | None, protocol: Protocol
+) -> None:
+    config = InjectionConfig(CONFIG.image, CONFIG.policy_server, default_protocol=default)
+    annotations = {"lastguard.dev/mode": "envoy"}
+    if annotation:
+        annotations["lastguard.dev/protocol"] = annotation
+    pod = injected(api_server_pod(labels=LABEL, annotations=annotations), config)
+    args = admission.container(pod, "lastguard")["args"]
+    serves_http = args[-2:] == ["--http-listen", "127.0.0.1:9192"]
+    assert serves_http == (protocol is Protocol.HTTP)
+    envoy_config = yaml.safe_load(admission.container(pod, "lastguard-envoy")["args"][1])
+    authz = envoy_config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    ext_authz = authz["typed_config"]["http_filters"][0]["typed_config"]
+    assert ("http_service" in ext_authz) == (protocol is Protocol.HTTP)
+    status = json.loads(pod["metadata"]["annotations"]["lastguard.dev/status"])
+    assert status["protocol"] == str(protocol)
+
+
+def test_an_unknown_protocol_is_refused() -> None:
+    pod = api_server_pod(labels=LABEL, annotations={"lastguard.dev/protocol": "carrier-pigeon"})
+    with pytest.raises(inject.InjectionRefused, match=r"lastguard\.dev/protocol"):
+        inject.decide(pod, NS, CONFIG)
 
 
 @pytest.mark.parametrize(
@@ -585,5 +627,5 @@ def test_inject_is_pure() -> None:
         for alias in node.names
     }
     allowed = {"__future__", "enum", "json", "re", "collections.abc", "dataclasses", "typing"}
-    allowed |= {"lastguard.sidecar", "lastguard.sidecar.errors"}
+    allowed |= {"lastguard.sidecar", "lastguard.sidecar.errors", "lastguard.operator.bootstrap"}
     assert imported <= allowed, imported - allowed

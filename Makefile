@@ -6,13 +6,14 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv demo test test-unit test-e2e bench bench-micro bench-profile proto proto-check lint manifests image clean
+.PHONY: help venv demo test test-unit test-e2e bench bench-micro bench-profile soak proto proto-check lint manifests image clean
 
 help:
 	@echo "make demo   - start dev issuer, sidecar, app and Envoy; walk through requests"
 	@echo "make test   - lint, type-check and run every test (unit + end-to-end with real Envoy)"
 	@echo "make bench  - benchmark through Envoy vs jwt_authn and a no-op server (docs/performance.md)"
 	@echo "make bench-micro / bench-profile - the Check handler in-process, with cProfile output"
+	@echo "make soak   - 10 minutes at 1k req/s through Envoy: does lastguard's RSS grow? (~12 min)"
 	@echo "make proto  - regenerate Python code from proto/src"
 	@echo "make lint   - ruff + mypy"
 	@echo "make manifests - re-render manifests/install.yaml from the chart"
@@ -46,6 +47,9 @@ bench-micro: $(STAMP)
 
 bench-profile: $(STAMP)
 	$(PY) scripts/bench_micro.py --rounds 1 --profile
+
+soak: $(STAMP)
+	$(PY) scripts/soak.py
 
 manifests: $(STAMP)
 	$(PY) scripts/render_manifests.py

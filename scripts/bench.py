@@ -1215,14 +1215,14 @@ def environment(wrk: str) -> dict[str, Any]:
 # --- main ----------------------------------------------------------------------------------------
 
 
-def _no_nan(value: Any) -> Any:
+def no_nan(value: Any) -> Any:
     """JSON has no NaN: a value that could not be measured is null."""
     if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, dict):
-        return {k: _no_nan(v) for k, v in value.items()}
+        return {k: no_nan(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_no_nan(v) for v in value]
+        return [no_nan(v) for v in value]
     return value
 
 
@@ -1432,7 +1432,7 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_seconds": time.monotonic() - started,
     }
     results_path = workdir / "results.json"
-    results_path.write_text(json.dumps(_no_nan(report), indent=2, default=str) + "\n")
+    results_path.write_text(json.dumps(no_nan(report), indent=2, default=str) + "\n")
     print()
     shown = _shown(results_path)
     say(f"results in {shown} (print its tables again: scripts/bench.py --report {shown})")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -63,3 +64,27 @@ def test_the_micro_benchmark_runs() -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "cache hit" in done.stdout
+
+
+def _samples(rss: list[float]) -> list[Any]:
+    import soak
+
+    return [
+        soak.Sample(result=None, elapsed=30.0 * (n + 1), rss_mb=mb, cpu_cores=0.5)
+        for n, mb in enumerate(rss)
+    ]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("rss", "grew"),
+    [
+        pytest.param([130.0, 130.5, 129.8, 130.2, 130.1, 130.4], False, id="flat"),
+        pytest.param([130.0, 131.0, 133.0, 135.0, 137.0, 139.0], True, id="climbing"),
+        pytest.param([130.0, 130.0, 130.0, 130.0, 130.0, float("nan")], True, id="unreadable"),
+    ],
+)
+def test_the_soak_verdict_tells_growth_from_noise(rss: list[float], grew: bool) -> None:
+    import soak
+
+    verdict = soak.Verdict.of(_samples(rss))
+    assert verdict.grew is grew

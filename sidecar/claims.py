@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from lastguard.sidecar import errors
@@ -81,10 +81,11 @@ def granted_scopes(claims: dict[str, Any]) -> frozenset[str]:
     return frozenset(out)
 
 
-def require_scopes(granted: frozenset[str], required: tuple[str, ...]) -> None:
+def require_scopes(granted: Collection[str], required: tuple[str, ...]) -> None:
     """`granted` is `granted_scopes(claims)` (computed once per verified token)."""
-    if required and not granted.issuperset(required):
-        raise errors.InsufficientScope(required)
+    for scope in required:
+        if scope not in granted:
+            raise errors.InsufficientScope(required)
 
 
 def require_claims(claims: dict[str, Any], required: Iterable[RequiredClaim]) -> None:

@@ -46,8 +46,10 @@ class VerifiedToken:
     generation: int
     expires_at: float
     size: int
-    #: The scopes the token grants (`scope` / `scp`), parsed once.
-    scopes: frozenset[str]
+    #: The scopes the token grants (`scope` / `scp`), parsed once. A tuple of strings,
+    #: not a frozenset: the garbage collector stops tracking such a tuple, and every
+    #: tracked object in the cache lengthens each full collection's pause.
+    scopes: tuple[str, ...]
     #: Results derived from this token alone (the allowed Decision per token location),
     #: computed once and reused by every later request with the same token.
     memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -99,7 +101,7 @@ class TokenCache:
             generation=generation,
             expires_at=expires_at,
             size=_ENTRY_OVERHEAD + _BYTES_PER_PAYLOAD_BYTE * len(payload_segment),
-            scopes=granted_scopes(claims),
+            scopes=tuple(granted_scopes(claims)),
         )
         if entry.size > self._cache.maxsize or self.max_entries < 1:
             return entry

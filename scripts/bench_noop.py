@@ -49,11 +49,10 @@ _HTTP_ALLOW = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
 
 
 class AllowEverythingHttp(asyncio.Protocol):
-    """Reads each request head (and skips its body) the way lastguard does, answers 200."""
+    """Frames and parses each request the way lastguard does (`http_wire`), answers 200."""
 
     def __init__(self) -> None:
-        self.buffer = bytearray()
-        self.skip = 0
+        self.framer = http_wire.Framer()
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -61,21 +60,13 @@ class AllowEverythingHttp(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        buffer = self.buffer
-        buffer += data
+        self.framer.feed(data)
         while self.transport is not None:
-            if self.skip:
-                dropped = min(self.skip, len(buffer))
-                del buffer[:dropped]
-                self.skip -= dropped
-                if self.skip:
-                    return
-            end = buffer.find(b"\r\n\r\n")
-            if end < 0:
+            raw = self.framer.next_head()
+            if raw is None:
                 return
-            head = http_wire.parse_head(bytes(buffer[:end]))
-            del buffer[: end + 4]
-            self.skip = head.body_length
+            head = http_wire.parse_head(raw)
+            self.framer.skip_body(head.body_length)
             self.transport.write(_HTTP_ALLOW)
 
 

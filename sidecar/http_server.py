@@ -68,9 +68,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self, server: HttpAuthzServer) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
-        #: Body bytes of the current request still to be read and dropped.
-        self.skip = 0
+        self.framer = http_wire.Framer()
         #: A request is being decided in a Task; what follows waits in the buffer.
         self.busy = False
         self.paused = False
@@ -89,39 +87,26 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
-        self.buffer += data
+        self.framer.feed(data)
         if self.busy:
-            if len(self.buffer) > _PAUSE_BYTES and self.transport is not None:
+            if len(self.framer.buffer) > _PAUSE_BYTES and self.transport is not None:
                 self.transport.pause_reading()
                 self.paused = True
             return
         self._process()
 
     def _process(self) -> None:
-        buffer = self.buffer
+        framer = self.framer
         while self.transport is not None and not self.busy:
-            if self.skip:
-                dropped = min(self.skip, len(buffer))
-                del buffer[:dropped]
-                self.skip -= dropped
-                if self.skip:
-                    return
-            end = buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buffer) > http_wire.MAX_HEAD_BYTES:
-                    self._fail(431)
-                return
-            if end > http_wire.MAX_HEAD_BYTES:
-                self._fail(431)
-                return
-            raw = bytes(buffer[:end])
-            del buffer[: end + 4]
             try:
+                raw = framer.next_head()
+                if raw is None:
+                    break
                 head = http_wire.parse_head(raw)
             except http_wire.WireError as exc:
                 self._fail(exc.status)
                 return
-            self.skip = head.body_length
+            framer.skip_body(head.body_length)
             self._answer(head)
         if self.paused and self.transport is not None:
             self.paused = False

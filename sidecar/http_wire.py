@@ -122,6 +122,44 @@ def parse_head(head: bytes) -> RequestHead:
     )
 
 
+class Framer:
+    """Cuts request heads out of one connection's byte stream and skips their bodies.
+
+    `feed` what arrives; `next_head` returns each complete head (without its blank
+    line) or None until more arrives; `skip_body` after parsing a head drops the
+    body that follows it. Raises `WireError(431)` for a head over the limit.
+    """
+
+    __slots__ = ("buffer", "skip")
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.skip = 0
+
+    def feed(self, data: bytes) -> None:
+        self.buffer += data
+
+    def skip_body(self, length: int) -> None:
+        self.skip = length
+
+    def next_head(self) -> bytes | None:
+        buffer = self.buffer
+        if self.skip:
+            dropped = min(self.skip, len(buffer))
+            del buffer[:dropped]
+            self.skip -= dropped
+            if self.skip:
+                return None
+        end = buffer.find(b"\r\n\r\n")
+        if end > MAX_HEAD_BYTES or (end < 0 and len(buffer) > MAX_HEAD_BYTES):
+            raise WireError(431, "request head too large")
+        if end < 0:
+            return None
+        head = bytes(buffer[:end])
+        del buffer[: end + 4]
+        return head
+
+
 def forwardable(name: str) -> bool:
     """Whether Envoy, configured per the contract, sets this header upstream."""
     return name.startswith(UPSTREAM_HEADER_PREFIX) or name in UPSTREAM_HEADERS_EXACT

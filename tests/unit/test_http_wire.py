@@ -137,3 +137,28 @@ def test_error_response_closes_the_connection() -> None:
     wire = http_wire.error_response(431)
     assert wire.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
     assert b"\r\nconnection: close\r\n" in wire
+
+
+def test_the_framer_cuts_heads_across_reads_and_skips_bodies() -> None:
+    framer = http_wire.Framer()
+    framer.feed(b"POST /a HTTP/1.1\r\ncontent-le")
+    assert framer.next_head() is None
+    framer.feed(b"ngth: 5\r\n\r\nhel")
+    first = framer.next_head()
+    assert first == b"POST /a HTTP/1.1\r\ncontent-length: 5"
+    framer.skip_body(parse_head(first).body_length)
+    assert framer.next_head() is None  # two body bytes still to come
+    framer.feed(b"loGET /b HTTP/1.1\r\n\r\n")
+    assert framer.next_head() == b"GET /b HTTP/1.1"
+    assert framer.next_head() is None and not framer.buffer
+
+
+@pytest.mark.parametrize("ended", [True, False])
+def test_the_framer_refuses_a_head_over_the_limit(ended: bool) -> None:
+    framer = http_wire.Framer()
+    framer.feed(b"GET / HTTP/1.1\r\nx: " + b"a" * http_wire.MAX_HEAD_BYTES)
+    if ended:
+        framer.feed(b"\r\n\r\n")
+    with pytest.raises(WireError) as caught:
+        framer.next_head()
+    assert caught.value.status == 431

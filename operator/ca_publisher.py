@@ -57,12 +57,12 @@ from typing import Any
 from cryptography import x509
 from prometheus_client import Counter, Gauge
 
-from lastguard.operator import kube
+from lastguard.operator import inject, kube
 
 log = logging.getLogger("lastguard.operator.ca")
 
-INJECTION_LABEL = "lastguard.dev/injection"
-INJECTION_ENABLED = "enabled"
+INJECTION_LABEL = inject.NAMESPACE_LABEL
+INJECTION_ENABLED = inject.NAMESPACE_ENABLED
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "lastguard"
 NOT_MANAGED_REASON = "CaBundleNotManaged"

@@ -54,6 +54,10 @@ from lastguard.sidecar import podinfo
 from lastguard.sidecar.errors import LastguardError
 
 INJECT_LABEL = "lastguard.dev/inject"
+#: A namespace labelled NAMESPACE_LABEL=NAMESPACE_ENABLED gets the CA bundle injected pods
+#: mount (`ca_publisher`) and is selected by the webhook.
+NAMESPACE_LABEL = "lastguard.dev/injection"
+NAMESPACE_ENABLED = "enabled"
 MODE_ANNOTATION = "lastguard.dev/mode"
 PROTOCOL_ANNOTATION = "lastguard.dev/protocol"
 APP_PORT_ANNOTATION = "lastguard.dev/app-port"

@@ -1,6 +1,6 @@
 """`lastguard operator`: flags, wiring and lifecycle of the operator process.
 
-The CLI calls `add_arguments(parser)` and `run(args)`. Flags become one frozen
+The CLI adds `flags.add_operator_arguments(parser)` and calls `run(args)`. Flags become one frozen
 `OperatorConfig`; `Operator` wires the Kubernetes adapter (`kube.ClusterApi`:
 kopf for the watch, the official client for the rest), the controller, the
 distribution server, leader election, health and metrics endpoints, and with
@@ -83,69 +83,6 @@ def _default_namespace() -> str:
         return SERVICE_ACCOUNT_NAMESPACE.read_text().strip() or "default"
     except OSError:
         return os.environ.get("POD_NAMESPACE", "default")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--namespace",
-        dest="namespaces",
-        action="append",
-        default=[],
-        metavar="NAMESPACE",
-        help="watch JWTPolicies in this namespace (repeatable; default: all namespaces)",
-    )
-    parser.add_argument(
-        "--listen", default="0.0.0.0:15010", help="gRPC address sidecars get policies from"
-    )
-    parser.add_argument("--tls-cert", type=Path, help="PEM certificate for --listen")
-    parser.add_argument("--tls-key", type=Path, help="PEM private key for --listen")
-    parser.add_argument(
-        "--tls-client-ca", type=Path, help="require sidecar certificates signed by this CA"
-    )
-    parser.add_argument(
-        "--insecure", action="store_true", help="serve sidecars without TLS (local development)"
-    )
-    parser.add_argument("--metrics-listen", help="Prometheus address, e.g. 0.0.0.0:9090")
-    parser.add_argument("--health-listen", help="HTTP /healthz and /readyz, e.g. 0.0.0.0:8080")
-    parser.add_argument(
-        "--leader-election",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="write status only while holding the Lease (default: on)",
-    )
-    parser.add_argument("--lease-name", default="lastguard-operator")
-    parser.add_argument(
-        "--lease-namespace", default=None, help="default: this pod's namespace, else 'default'"
-    )
-    parser.add_argument(
-        "--pod-name",
-        default=None,
-        help="this replica's identity in the Lease (default: $POD_NAME, else the hostname)",
-    )
-    parser.add_argument(
-        "--kube-server",
-        default=None,
-        help="API server URL, without TLS verification (tests and local development only)",
-    )
-    parser.add_argument(
-        "--publish-ca-bundle",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help=(
-            "publish this PEM CA bundle (re-read on change) as a ConfigMap in every namespace "
-            f"labelled {ca_publisher.INJECTION_LABEL}={ca_publisher.INJECTION_ENABLED}, "
-            "for injected sidecars to mount (default: publish nothing)"
-        ),
-    )
-    parser.add_argument(
-        "--ca-configmap-name",
-        default="lastguard-ca",
-        help="the ConfigMap --publish-ca-bundle writes (data key ca.crt; default lastguard-ca)",
-    )
-    parser.add_argument("--resync-interval", type=float, default=300.0, help=argparse.SUPPRESS)
-    parser.add_argument("--status-interval", type=float, default=2.0, help=argparse.SUPPRESS)
-    parser.add_argument("--ca-publish-interval", type=float, default=10.0, help=argparse.SUPPRESS)
 
 
 def config_from(args: argparse.Namespace) -> OperatorConfig:

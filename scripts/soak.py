@@ -124,9 +124,7 @@ class SoakSettings:
 
     def cache_bounds(self) -> tuple[int, int]:
         """(entries, MiB) the sidecar runs with: ours, or its own defaults."""
-        defaults = sidecar_cli.build_parser(operator_flags=False).parse_args(
-            ["sidecar", "--policy-file", "-"]
-        )
+        defaults = sidecar_cli.build_parser().parse_args(["sidecar", "--policy-file", "-"])
         entries = self.cache_entries
         mib = self.cache_mib
         return (

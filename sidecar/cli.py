@@ -60,9 +60,11 @@ POD_INFO_HELP = """\
 """
 
 
-def build_parser(operator_flags: bool = True) -> argparse.ArgumentParser:
-    """The full parser; `operator_flags=False` leaves out the operator's flags, whose
-    definition imports kopf and the Kubernetes client (the sidecar must not load them)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line (the operator's flags come from a module without kopf or
+    the Kubernetes client, so building them loads neither)."""
+    from lastguard.operator import flags as operator_flags
+
     parser = argparse.ArgumentParser(prog="lastguard", description=__doc__)
     parser.add_argument("--log-level", default="info")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -171,8 +173,8 @@ def build_parser(operator_flags: bool = True) -> argparse.ArgumentParser:
     op = sub.add_parser(
         "operator", help="watch JWTPolicies, write their status, stream them to sidecars"
     )
-    if operator_flags:
-        _add_operator_flags(op)
+    operator_flags.add_operator_arguments(op)
+    operator_flags.add_webhook_arguments(op)
 
     dev = sub.add_parser("dev-issuer", help="serve a JWKS and mint tokens (demos and tests only)")
     dev.add_argument("--listen", default="127.0.0.1:9000")
@@ -224,21 +226,13 @@ def _workers_problem(args: argparse.Namespace) -> str | None:
     return fixed_port_problem(args.listen, args.http_listen)
 
 
-def _add_operator_flags(parser: argparse.ArgumentParser) -> None:
-    # Imported here so the sidecar never loads kopf or the Kubernetes client.
-    from lastguard.operator import main as operator_main
-    from lastguard.operator import webhook
-
-    operator_main.add_arguments(parser)
-    webhook.add_webhook_arguments(parser)
-
-
 async def _run_operator(args: argparse.Namespace) -> int:
     from lastguard.operator import main as operator_main
     from lastguard.operator import webhook
+    from lastguard.operator.flags import webhook_enabled
 
     handle = None
-    if webhook.enabled(args):
+    if webhook_enabled(args):
         try:
             handle = await webhook.start_webhook(args)
         except webhook.WebhookError as exc:
@@ -337,20 +331,9 @@ async def _run_dev_issuer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _subcommand(argv: Sequence[str]) -> str | None:
-    """The subcommand named in argv (the first positional after the global options)."""
-    args = iter(argv)
-    for arg in args:
-        if arg == "--log-level":
-            next(args, None)
-        elif not arg.startswith("-"):
-            return arg
-    return None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(operator_flags=_subcommand(argv) == "operator")
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "sidecar":
         problem = _sidecar_source_problem(args)

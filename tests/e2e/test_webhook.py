@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from lastguard.operator import inject, webhook
+from lastguard.operator import flags, inject, webhook
 from lastguard.operator.webhook import WebhookError, WebhookHandle
 from tests.support import admission, certs
 from tests.support.admission import api_server_pod
@@ -65,7 +65,7 @@ def tls(tmp_path: Path) -> Tls:
 
 def parse_flags(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    webhook.add_webhook_arguments(parser)
+    flags.add_webhook_arguments(parser)
     return parser.parse_args(list(argv))
 
 
@@ -84,7 +84,7 @@ async def server(
         "--webhook-exclude-namespace", "legacy",
         "--inject-image", IMAGE,
     )  # fmt: skip
-    assert webhook.enabled(args)
+    assert flags.webhook_enabled(args)
     handle = await webhook.start_webhook(args)
     yield handle
     await handle.close()
@@ -520,7 +520,7 @@ def test_bad_flags_are_named(
 
 
 def test_without_certificate_flags_the_webhook_is_off() -> None:
-    assert not webhook.enabled(parse_flags())
+    assert not flags.webhook_enabled(parse_flags())
 
 
 async def test_certificate_files_that_do_not_load_stop_the_start(tmp_path: Path) -> None:

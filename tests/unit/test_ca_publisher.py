@@ -17,7 +17,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from lastguard.operator import ca_publisher, kube
+from lastguard.operator import ca_publisher, flags, kube
 from lastguard.operator import main as operator_main
 from lastguard.operator.ca_publisher import Action
 from tests.support.certs import CertificateAuthority
@@ -537,7 +537,7 @@ async def test_run_retries_soon_after_a_failure(tmp_path: Path) -> None:
 
 def _args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    operator_main.add_arguments(parser)
+    flags.add_operator_arguments(parser)
     return parser.parse_args(["--insecure", *argv])
 
 

@@ -326,15 +326,7 @@ def operator_parser() -> argparse.ArgumentParser:
     subcommands = next(
         a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)
     )
-    if "operator" in subcommands.choices:
-        parser: argparse.ArgumentParser = subcommands.choices["operator"]
-        return parser
-    # Until the CLI has the subcommand: the same flags, from their modules.
-    main = pytest.importorskip("lastguard.operator.main")
-    webhook = pytest.importorskip("lastguard.operator.webhook")
-    parser = argparse.ArgumentParser(prog="lastguard operator")
-    main.add_arguments(parser)
-    webhook.add_webhook_arguments(parser)
+    parser: argparse.ArgumentParser = subcommands.choices["operator"]
     return parser
 
 

@@ -125,7 +125,7 @@ async def run(service: AuthorizationService, requests: Sequence[pb.CheckRequest]
     check = service.Check
     start = time.perf_counter()
     for request in requests:
-        await check(request, None)  # type: ignore[arg-type]
+        await check(request, None)
     return (time.perf_counter() - start) / len(requests) * 1e6
 
 
@@ -164,7 +164,7 @@ def sanity_check(
     loop: asyncio.AbstractEventLoop,
 ) -> None:
     for name, make in table.items():
-        got = status_of(loop.run_until_complete(service.Check(make()[0], None)))  # type: ignore[arg-type]
+        got = status_of(loop.run_until_complete(service.Check(make()[0], None)))
         if got != EXPECTED[name]:
             raise SystemExit(
                 f"bench_micro: case {name!r} answered {got}, expected {EXPECTED[name]}"

@@ -12,7 +12,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+
+from lastguard.proto.envoy.service.auth.v3 import external_auth_pb2 as pb
+from lastguard.proto.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -88,3 +92,27 @@ def test_the_soak_verdict_tells_growth_from_noise(rss: list[float], grew: bool) 
 
     verdict = soak.Verdict.of(_samples(rss))
     assert verdict.grew is grew
+
+
+def test_the_no_op_floor_answers_both_protocols() -> None:
+    import json
+    import urllib.request
+
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "bench_noop.py"), "--http-listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        listening = json.loads(proc.stdout.readline())
+        request = urllib.request.Request(f"http://{listening['http']}/api", data=b"body")
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert response.status == 200
+        with urllib.request.urlopen(f"http://{listening['http']}/again", timeout=5) as response:
+            assert response.status == 200
+        with grpc.insecure_channel(listening["grpc"]) as channel:
+            answer = pb_grpc.AuthorizationStub(channel).Check(pb.CheckRequest(), timeout=5)
+        assert answer.status.code == 0 and answer.HasField("ok_response")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -41,7 +41,7 @@ import json
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from lastguard.operator.bootstrap import (
     CHECK_PORT,
@@ -94,6 +94,8 @@ NONROOT_UID = 65532
 DEFAULT_ENVOY_IMAGE = "docker.io/envoyproxy/envoy:v1.40.0"
 #: Envoy starts one worker per host CPU unless told; a sidecar needs few.
 ENVOY_CONCURRENCY = 2
+
+E = TypeVar("E", bound=enum.StrEnum)
 
 _PORT = re.compile(r"[1-9][0-9]{0,4}")
 
@@ -189,8 +191,8 @@ def decide(pod: Mapping[str, Any], namespace: str, config: InjectionConfig) -> D
     if SIDECAR_CONTAINER in names:
         return Decision(None, "already-injected")
 
-    mode = _mode(annotations, config)
-    protocol = _protocol(annotations, config)
+    mode = _choice(annotations, MODE_ANNOTATION, config.default_mode)
+    protocol = _choice(annotations, PROTOCOL_ANNOTATION, config.default_protocol)
     _refuse_clashes(spec, names, mode)
     app_port, envoy_port = _ports(annotations) if mode is Mode.ENVOY else (0, 0)
     _refuse_port_clashes((*containers, *init_containers), mode, envoy_port)
@@ -237,28 +239,17 @@ def _containers(spec: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:
     return value
 
 
-def _mode(annotations: Mapping[str, Any], config: InjectionConfig) -> Mode:
-    value = annotations.get(MODE_ANNOTATION)
+def _choice(annotations: Mapping[str, Any], key: str, default: E) -> E:
+    """The annotation `key` as a member of `default`'s enum; `default` when absent."""
+    value = annotations.get(key)
     if value is None:
-        return config.default_mode
+        return default
+    kind = type(default)
     try:
-        return Mode(value)
+        return kind(value)
     except ValueError:
-        raise InjectionRefused(
-            f"annotation {MODE_ANNOTATION}: {value!r} is not one of sidecar, envoy"
-        ) from None
-
-
-def _protocol(annotations: Mapping[str, Any], config: InjectionConfig) -> Protocol:
-    value = annotations.get(PROTOCOL_ANNOTATION)
-    if value is None:
-        return config.default_protocol
-    try:
-        return Protocol(value)
-    except ValueError:
-        raise InjectionRefused(
-            f"annotation {PROTOCOL_ANNOTATION}: {value!r} is not one of grpc, http"
-        ) from None
+        allowed = ", ".join(m.value for m in kind)
+        raise InjectionRefused(f"annotation {key}: {value!r} is not one of {allowed}") from None
 
 
 def _port(annotations: Mapping[str, Any], key: str, default: int) -> int:

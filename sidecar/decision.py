@@ -8,6 +8,7 @@ token: descriptions are fixed strings from `lastguard.sidecar.errors`.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +52,17 @@ class Decision:
             metadata=metadata,
             renderings={},
         )
+
+    def rendered(self, protocol: str, build: Callable[[Decision], bytes]) -> bytes:
+        """`build(self)`, kept in `renderings` under `protocol` so a reused decision is
+        rendered once per protocol edge; built afresh when there is no scratch space."""
+        renderings = self.renderings
+        if renderings is None:
+            return build(self)
+        wire: bytes | None = renderings.get(protocol)
+        if wire is None:
+            wire = renderings[protocol] = build(self)
+        return wire
 
     @classmethod
     def deny(

@@ -228,13 +228,7 @@ def render(decision: Decision, realm: str, head_only: bool = False) -> bytes:
     """
     if not decision.allowed:
         return _denied(decision, realm, head_only)
-    renderings = decision.renderings
-    if renderings is None:
-        return _allowed(decision)
-    wire: bytes | None = renderings.get("http")
-    if wire is None:
-        wire = renderings["http"] = _allowed(decision)
-    return wire
+    return decision.rendered("http", _allowed)
 
 
 def error_response(status: int) -> bytes:

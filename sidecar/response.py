@@ -73,13 +73,7 @@ def render(decision: Decision, realm: str) -> bytes:
     """The serialized CheckResponse for a decision (built once per reusable decision)."""
     if not decision.allowed:
         return _denied(decision, realm)
-    renderings = decision.renderings
-    if renderings is None:
-        return _allowed(decision)
-    response: bytes | None = renderings.get("envoy")
-    if response is None:
-        response = renderings["envoy"] = _allowed(decision)
-    return response
+    return decision.rendered("envoy", _allowed)
 
 
 def _allowed(decision: Decision) -> bytes:

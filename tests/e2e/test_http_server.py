@@ -11,9 +11,11 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
+from tests.support import policies
 from tests.support.clock import FakeClock
 from tests.support.issuer import ThreadedTestIssuer
 from tests.support.sidecar import PolicyWriter, SidecarThread, StartSidecar
@@ -70,22 +72,17 @@ def request(method: str, path: str, *headers: str, body: bytes = b"") -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
-def policy(issuer: ThreadedTestIssuer) -> dict[str, object]:
-    return {
-        "apiVersion": "lastguard.dev/v1alpha1",
-        "kind": "JWTPolicy",
-        "metadata": {"name": "api", "namespace": "default"},
-        "spec": {
-            "issuers": [
-                {
-                    "issuer": issuer.issuer,
-                    "jwksUri": issuer.jwks_uri,
-                    "outputClaimToHeaders": [{"header": "x-user", "claim": "sub"}],
-                }
-            ],
-            "rules": [{"paths": ["/healthz"], "action": "Allow"}],
-        },
-    }
+def policy(issuer: ThreadedTestIssuer) -> dict[str, Any]:
+    return policies.document(
+        issuers=[
+            {
+                "issuer": issuer.issuer,
+                "jwksUri": issuer.jwks_uri,
+                "outputClaimToHeaders": [{"header": "x-user", "claim": "sub"}],
+            }
+        ],
+        rules=[{"paths": ["/healthz"], "action": "Allow"}],
+    )
 
 
 @dataclass

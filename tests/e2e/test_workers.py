@@ -15,21 +15,17 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from lastguard.sidecar.workers import fixed_port_problem, worker_argv
+from tests.support import policies
 from tests.support.sidecar import HOST, PolicyWriter, SidecarProcess, free_port
 
 pytestmark = pytest.mark.e2e
 
 _KEY = jwt.algorithms.ECAlgorithm.to_jwk(ec.generate_private_key(ec.SECP256R1()).public_key())
 JWKS = {"keys": [{**json.loads(_KEY), "kid": "k1", "alg": "ES256"}]}
-POLICY = {
-    "apiVersion": "lastguard.dev/v1alpha1",
-    "kind": "JWTPolicy",
-    "metadata": {"name": "api", "namespace": "default"},
-    "spec": {
-        "issuers": [{"issuer": "https://idp.example", "jwks": json.dumps(JWKS)}],
-        "rules": [{"paths": ["/healthz"], "action": "Allow"}],
-    },
-}
+POLICY = policies.document(
+    issuers=[{"issuer": "https://idp.example", "jwks": json.dumps(JWKS)}],
+    rules=[{"paths": ["/healthz"], "action": "Allow"}],
+)
 
 
 def test_worker_argv_drops_the_supervisors_flags_in_both_forms() -> None:

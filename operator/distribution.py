@@ -218,16 +218,20 @@ class DistributionServer(pb_grpc.PolicyDistributionServicer):  # type: ignore[mi
         return [s.state() for s in streams]
 
     def counts_for(self, key: PolicyKey) -> tuple[int, int]:
-        """(current, total): of the connected sidecars whose due snapshot contains the
-        policy, how many enforce that snapshot (acked it as applied)."""
-        current = total = 0
+        """(current, total) pods: of the pods whose due snapshot contains the policy, how
+        many enforce that snapshot (acked it as applied).
+
+        A sidecar run with `--workers N` has N streams under one pod name: the pod
+        counts once, and as current only when every one of its streams is.
+        """
+        pods: dict[tuple[str, str] | int, bool] = {}
         for stream in self._streams.values():
             if key not in self._keys_of(stream.due):
                 continue
-            total += 1
-            if stream.applied and stream.acked_version == stream.due.version:
-                current += 1
-        return current, total
+            pod = (stream.workload.namespace, stream.pod_name) if stream.pod_name else stream.id
+            current = bool(stream.applied) and stream.acked_version == stream.due.version
+            pods[pod] = pods.get(pod, True) and current
+        return sum(pods.values()), len(pods)
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> None:
         """Returns once `predicate()` holds, re-checked after every sidecar change;

@@ -547,8 +547,10 @@ async def test_tls_without_the_right_ca_never_becomes_ready(
 # --- the protocol ---------------------------------------------------------------
 
 
-def hello(namespace: str = NS, **labels: str) -> dpb.SidecarMessage:
-    return dpb.SidecarMessage(hello=dpb.Hello(namespace=namespace, labels=labels, pod_name="p"))
+def hello(namespace: str = NS, pod_name: str = "p", **labels: str) -> dpb.SidecarMessage:
+    return dpb.SidecarMessage(
+        hello=dpb.Hello(namespace=namespace, labels=labels, pod_name=pod_name)
+    )
 
 
 @pytest.mark.parametrize(
@@ -619,6 +621,31 @@ async def test_a_sidecar_that_never_answers_does_not_hold_up_the_others(
     assert operator.server.last_propagation is not propagated
     assert operator.server.counts_for((NS, "shop-default")) == (1, 1)
     assert await api.status("a3") == 200  # no specific policy selects api: the namespace's applies
+
+
+async def test_a_pods_worker_streams_count_as_one_sidecar(fleet: Fleet, idp: DevIssuer) -> None:
+    """`--workers N` opens N streams from one pod: status counts the pod once, and as
+    current only when every worker enforces the snapshot."""
+    fleet.index.upsert(jwt_policy(idp, "web", "web", {"app": "web"}))
+    operator = await fleet.operator()
+    await fleet.pod("web-1", {"app": "web"}, operator.port)
+    await operator.until(lambda: operator.current("web-1"))
+    assert operator.server.counts_for((NS, "web")) == (1, 1)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{operator.port}") as channel:
+        second = dpb_grpc.PolicyDistributionStub(channel).Stream()
+        await second.write(hello(pod_name="web-1", app="web"))  # a second worker, not acking
+        await operator.until(lambda: len(operator.server.sidecars()) == 2)
+        assert operator.server.counts_for((NS, "web")) == (0, 1)
+
+        sent = await second.read()
+        await second.write(dpb.SidecarMessage(ack=dpb.Ack(version=sent.version, applied=True)))
+        await operator.until(lambda: operator.server.counts_for((NS, "web")) == (1, 1))
+        other = dpb_grpc.PolicyDistributionStub(channel).Stream()
+        await other.write(hello(pod_name="web-2", app="web"))  # another pod counts apart
+        await operator.until(lambda: operator.server.counts_for((NS, "web")) == (1, 2))
+        second.cancel()
+        other.cancel()
+    await operator.until(lambda: operator.server.counts_for((NS, "web")) == (1, 1))
 
 
 # --- command line ---------------------------------------------------------------

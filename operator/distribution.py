@@ -14,6 +14,8 @@ a stale one) and never delays the others.
 Propagation is measured per `notify()`: from the call to the last answer (Ack,
 applied or rejected) from the sidecars whose snapshot it changed.
 
+`serve` binds the server, with TLS from `distribution_tls` when given.
+
 Invariant: every method runs on the server's event loop (call `notify()` there).
 """
 
@@ -27,12 +29,11 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
+from lastguard.operator import distribution_tls
 from lastguard.operator.index import PolicyKey, Snapshot
 from lastguard.proto.distribution.v1alpha1 import distribution_pb2 as pb
 from lastguard.proto.distribution.v1alpha1 import distribution_pb2_grpc as pb_grpc
@@ -71,16 +72,6 @@ SERVER_OPTIONS = (
     # Sidecars ping every 30 s too (lastguard.sidecar.policy_client); allow it.
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
 )
-
-
-@dataclass(frozen=True, slots=True)
-class TlsFiles:
-    """PEM files for serving TLS. With `client_ca`, every sidecar must present a
-    certificate that CA signed (mutual TLS)."""
-
-    cert: Path
-    key: Path
-    client_ca: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,53 +432,9 @@ class DistributionServer(pb_grpc.PolicyDistributionServicer):  # type: ignore[mi
         self._changed()
 
 
-class _CertificateFiles:
-    """Fetches the TLS configuration again whenever the PEM files change.
-
-    gRPC calls `fetch` before each new handshake; returning None keeps the
-    current configuration. So a certificate renewed on disk (cert-manager, a
-    Secret update) is served to the next connecting sidecar with no restart; a
-    pair that fails to read keeps the last good one.
-    """
-
-    def __init__(self, tls: TlsFiles) -> None:
-        self.tls = tls
-        self.initial = self._configuration()
-        self._seen = self._stamp()
-
-    def _stamp(self) -> tuple[int, ...]:
-        files = [self.tls.cert, self.tls.key, *([self.tls.client_ca] if self.tls.client_ca else [])]
-        return tuple(f.stat().st_mtime_ns for f in files)
-
-    def _configuration(self) -> Any:
-        return grpc.ssl_server_certificate_configuration(
-            [(self.tls.key.read_bytes(), self.tls.cert.read_bytes())],
-            root_certificates=self.tls.client_ca.read_bytes() if self.tls.client_ca else None,
-        )
-
-    def fetch(self) -> Any:
-        try:
-            stamp = self._stamp()
-            if stamp == self._seen:
-                return None
-            configuration = self._configuration()
-        except OSError as exc:
-            log.warning("policy TLS files unreadable; serving the last good ones: %s", exc)
-            return None
-        self._seen = stamp
-        log.info("policy TLS certificate reloaded", extra={"fields": {"cert": str(self.tls.cert)}})
-        return configuration
-
-
-def reloading_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
-    """Server credentials that pick up renewed certificate files (see _CertificateFiles)."""
-    files = _CertificateFiles(tls)
-    return grpc.dynamic_ssl_server_credentials(
-        files.initial, files.fetch, require_client_authentication=tls.client_ca is not None
-    )
-
-
-async def serve(server: DistributionServer, address: str, tls: TlsFiles | None) -> grpc.aio.Server:
+async def serve(
+    server: DistributionServer, address: str, tls: distribution_tls.TlsFiles | None
+) -> grpc.aio.Server:
     """Binds `server` on `address` (TLS when `tls` is given, else plaintext) and starts it.
 
     The bound port is in `server.port`. Stop the returned server to end every stream;
@@ -498,7 +445,7 @@ async def serve(server: DistributionServer, address: str, tls: TlsFiles | None) 
     if tls is None:
         port = grpc_server.add_insecure_port(address)
     else:
-        port = grpc_server.add_secure_port(address, reloading_credentials(tls))
+        port = grpc_server.add_secure_port(address, distribution_tls.reloading_credentials(tls))
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     await grpc_server.start()

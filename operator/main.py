@@ -1,7 +1,7 @@
 """`lastguard operator`: flags, wiring and lifecycle of the operator process.
 
 The CLI adds `flags.add_operator_arguments(parser)` and calls `run(args)`. Flags become one frozen
-`OperatorConfig`; `Operator` wires the Kubernetes adapter (`kube.ClusterApi`:
+`OperatorConfig`; `Operator` wires the Kubernetes adapter (`cluster_api.ClusterApi`:
 kopf for the watch, the official client for the rest), the controller, the
 distribution server, leader election, health and metrics endpoints, and with
 `--publish-ca-bundle` the CA bundle publisher (`ca_publisher`, leader only).
@@ -34,7 +34,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import start_http_server
 
-from lastguard.operator import ca_publisher, controller, kube, leader
+from lastguard.operator import ca_publisher, cluster_api, controller, kube, leader
 from lastguard.operator.index import PolicyIndex
 from lastguard.sidecar import fetch, jwks_cache
 
@@ -125,7 +125,7 @@ class Operator:
         from lastguard.operator import distribution
 
         self.config = config
-        self.api: kube.KubeApi = api or kube.ClusterApi(
+        self.api: kube.KubeApi = api or cluster_api.ClusterApi(
             kube.Connection(
                 server=config.kube_server,
                 insecure=config.kube_server is not None,
@@ -222,12 +222,12 @@ class Operator:
         Before that, a snapshot could miss policies that exist, and a sidecar would
         enforce less than it should: better it keeps its last policy meanwhile.
         """
-        from lastguard.operator import distribution
+        from lastguard.operator import distribution, distribution_tls
 
         await self.controller.synced.wait()
         tls = None
         if self.config.tls is not None:
-            tls = distribution.TlsFiles(
+            tls = distribution_tls.TlsFiles(
                 self.config.tls.cert, self.config.tls.key, self.config.tls.client_ca
             )
         self._grpc = await distribution.serve(self.distribution, self.config.listen, tls)

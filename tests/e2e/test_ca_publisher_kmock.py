@@ -20,7 +20,7 @@ from typing import Any
 import kmock
 import pytest
 
-from lastguard.operator import ca_publisher, kube
+from lastguard.operator import ca_publisher, cluster_api, kube
 from tests.support.certs import CertificateAuthority
 from tests.support.kube import CONFIGMAPS, EVENTS, LEASES, NAMESPACES, ApiServer
 from tests.support.operator import OperatorProcess, eventually
@@ -67,7 +67,7 @@ async def publishing(
     file = tmp_path / "ca.crt"
     if not file.exists():
         write_atomically(file, ca_pem("first"))
-    client = kube.ClusterApi(kube.Connection(server=str(api.url).rstrip("/"), insecure=True))
+    client = cluster_api.ClusterApi(kube.Connection(server=str(api.url).rstrip("/"), insecure=True))
     leading = [leader]
     publisher = ca_publisher.CaPublisher(
         client,

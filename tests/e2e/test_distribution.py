@@ -27,7 +27,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
 from lastguard.operator import distribution
-from lastguard.operator.distribution import DistributionServer, SidecarState, TlsFiles
+from lastguard.operator.distribution import DistributionServer, SidecarState
+from lastguard.operator.distribution_tls import TlsFiles
 from lastguard.operator.index import PolicyIndex, Snapshot
 from lastguard.proto.distribution.v1alpha1 import distribution_pb2 as dpb
 from lastguard.proto.distribution.v1alpha1 import distribution_pb2_grpc as dpb_grpc

@@ -21,7 +21,7 @@ import aiohttp
 import kmock
 import pytest
 
-from lastguard.operator import kube, leader
+from lastguard.operator import cluster_api, kube, leader
 from tests.support.crd import status_problems
 from tests.support.issuer import TestIssuer
 from tests.support.kube import EVENTS, JWTPOLICIES, LEASES, ApiServer
@@ -282,7 +282,7 @@ class Clock:
 
 
 def elector(api: ApiServer, identity: str, clock: Clock) -> leader.LeaderElector:
-    client = kube.ClusterApi(kube.Connection(server=str(api.url).rstrip("/"), insecure=True))
+    client = cluster_api.ClusterApi(kube.Connection(server=str(api.url).rstrip("/"), insecure=True))
     config = leader.ElectionConfig(namespace="ops", name="lastguard", identity=identity)
     return leader.LeaderElector(client, config, clock=clock)
 

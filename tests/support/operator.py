@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from lastguard.operator import controller, kube
+from lastguard.operator import cluster_api, controller, kube
 from lastguard.sidecar import fetch, jwks_cache
 from tests.support.kube import ApiServer
 
@@ -57,7 +57,7 @@ async def eventually(
         await asyncio.sleep(interval)
 
 
-class RecordingApi(kube.ClusterApi):
+class RecordingApi(cluster_api.ClusterApi):
     """ClusterApi that keeps what the controller saw and did, for assertions."""
 
     def __init__(self, connection: kube.Connection) -> None:
@@ -126,7 +126,7 @@ async def replica(
         yield Replica(api, ctl, registry, notified)
     finally:
         # Idle JWKS connections first: their server side (a TestIssuer in this loop) is
-        # a task kopf would wait for when it stops (see lastguard.operator.kube).
+        # a task kopf would wait for when it stops (see lastguard.operator.cluster_api).
         await fetcher.close()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

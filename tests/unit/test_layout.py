@@ -50,3 +50,16 @@ def test_installed_import_names_are_ours() -> None:
 
     for module in (lastguard.sidecar, lastguard.proto, lastguard.operator.main):
         assert module.__name__.startswith("lastguard.")
+
+
+def test_the_kubernetes_seam_loads_neither_kopf_nor_the_client() -> None:
+    # kube is the seam; only cluster_api, its implementation, may pull these in.
+    probe = (
+        "import sys\n"
+        "from lastguard.operator import ca_publisher, controller, kube, leader\n"
+        "print(sorted(m for m in ('kopf', 'kubernetes') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "[]"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lastguard.operator import inject
+from lastguard.operator import inject, inject_spec
 from lastguard.operator.bootstrap import Protocol
 
 
@@ -113,11 +113,11 @@ def add_webhook_arguments(parser: argparse.ArgumentParser) -> None:
         help="ConfigMap, in each injected namespace, with the CA of the policy server",
     )
     web_.add_argument("--inject-ca-key", default="ca.crt", help="its key holding the PEM CA")
-    web_.add_argument("--inject-envoy-image", default=inject.DEFAULT_ENVOY_IMAGE)
+    web_.add_argument("--inject-envoy-image", default=inject_spec.DEFAULT_ENVOY_IMAGE)
     web_.add_argument(
         "--inject-default-mode",
-        default=inject.Mode.SIDECAR.value,
-        choices=[m.value for m in inject.Mode],
+        default=inject_spec.Mode.SIDECAR.value,
+        choices=[m.value for m in inject_spec.Mode],
         help="without the lastguard.dev/mode annotation: lastguard only, or lastguard + Envoy",
     )
     web_.add_argument(
@@ -130,7 +130,7 @@ def add_webhook_arguments(parser: argparse.ArgumentParser) -> None:
     web_.add_argument(
         "--inject-log-level", default="info", choices=("debug", "info", "warning", "error")
     )
-    defaults = inject.Resources()
+    defaults = inject_spec.Resources()
     for prefix, what in (("inject", "lastguard"), ("inject-envoy", "Envoy")):
         for name, default in (
             ("cpu-request", defaults.cpu_request),

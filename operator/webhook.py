@@ -42,7 +42,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import Counter
 
-from lastguard.operator import inject
+from lastguard.operator import inject, inject_spec
 from lastguard.operator.bootstrap import Protocol
 from lastguard.sidecar.errors import LastguardError
 
@@ -178,7 +178,7 @@ def _pod_name(pod: Mapping[str, Any]) -> str:
     return str(metadata.get("name") or f"{metadata.get('generateName') or ''}*")
 
 
-def admit(review: Review, config: inject.InjectionConfig) -> tuple[str, dict[str, Any]]:
+def admit(review: Review, config: inject_spec.InjectionConfig) -> tuple[str, dict[str, Any]]:
     """(result word, AdmissionReview answer) for a parsed review.
 
     Raises MalformedReview for an object that is not shaped like a Pod.
@@ -264,7 +264,7 @@ class WebhookConfig:
     listen: str
     cert: Path
     key: Path
-    injection: inject.InjectionConfig
+    injection: inject_spec.InjectionConfig
 
 
 def _own_namespace() -> str | None:
@@ -274,7 +274,7 @@ def _own_namespace() -> str | None:
         return os.environ.get("POD_NAMESPACE") or None
 
 
-def _resources(args: argparse.Namespace, prefix: str) -> inject.Resources:
+def _resources(args: argparse.Namespace, prefix: str) -> inject_spec.Resources:
     values = {
         name: getattr(args, f"{prefix}_{name}")
         for name in ("cpu_request", "memory_request", "memory_limit")
@@ -283,7 +283,7 @@ def _resources(args: argparse.Namespace, prefix: str) -> inject.Resources:
         if value and not _QUANTITY.fullmatch(value):
             flag = f"--{prefix}-{name}".replace("_", "-")
             raise WebhookError(f"{flag}: {value!r} is not a Kubernetes quantity such as 64Mi")
-    return inject.Resources(**values)
+    return inject_spec.Resources(**values)
 
 
 def config_from(args: argparse.Namespace) -> WebhookConfig:
@@ -302,7 +302,7 @@ def config_from(args: argparse.Namespace) -> WebhookConfig:
                 "cannot tell the operator's namespace: give --inject-policy-server HOST:PORT"
             )
         policy_server = f"lastguard-operator.{own}.svc:15010"
-    injection = inject.InjectionConfig(
+    injection = inject_spec.InjectionConfig(
         image=args.inject_image,
         policy_server=policy_server,
         image_pull_policy=args.inject_image_pull_policy,
@@ -311,7 +311,7 @@ def config_from(args: argparse.Namespace) -> WebhookConfig:
         envoy_image=args.inject_envoy_image,
         resources=_resources(args, "inject"),
         envoy_resources=_resources(args, "inject_envoy"),
-        default_mode=inject.Mode(args.inject_default_mode),
+        default_mode=inject_spec.Mode(args.inject_default_mode),
         default_protocol=Protocol(args.inject_default_protocol),
         log_level=args.inject_log_level,
         excluded_namespaces=frozenset(excluded),
@@ -322,7 +322,7 @@ def config_from(args: argparse.Namespace) -> WebhookConfig:
 # --- the server ----------------------------------------------------------------------------
 
 
-def build_app(config: inject.InjectionConfig) -> web.Application:
+def build_app(config: inject_spec.InjectionConfig) -> web.Application:
     def malformed(exc: Exception) -> web.Response:
         INJECTIONS.labels("malformed").inc()
         log.warning("malformed admission review: %s", exc)
@@ -419,7 +419,7 @@ async def serve(config: WebhookConfig) -> WebhookHandle:
             "fields": {
                 "listen": f"{host}:{bound}",
                 "excluded_namespaces": sorted(
-                    inject.ALWAYS_EXCLUDED | config.injection.excluded_namespaces
+                    inject_spec.ALWAYS_EXCLUDED | config.injection.excluded_namespaces
                 ),
                 "default_mode": str(config.injection.default_mode),
                 "default_protocol": str(config.injection.default_protocol),

@@ -5,241 +5,38 @@ errors, each reported with its field path (``spec.issuers[0].jwksUri: must be
 an http(s) URL``). All problems of a document are collected, not just the first.
 The CRD schema and its CEL rules express the same constraints for the API server;
 this module is the reference both the sidecar and the operator run.
+
+Reading typed fields and collecting problems is `lastguard.sidecar.policy.fields`;
+this module knows what a JWTPolicy holds: issuers, rules and the document around them.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from collections.abc import Iterable
+from typing import Any
 
 import yaml
 
 from lastguard.sidecar import keys
 from lastguard.sidecar.errors import PolicyError
-from lastguard.sidecar.policy import model
+from lastguard.sidecar.policy import fields, model
 
-T = TypeVar("T")
-
-# Always used with fullmatch: `$` would also match before a trailing newline.
-_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _METHOD = re.compile(r"[A-Z]+")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _PATH = re.compile(r"/[^?#*\s]*\*?")
-# A URL is only unreserved, reserved and percent characters (RFC 3986): no spaces or controls.
-_URL_CHARS = re.compile(r"[A-Za-z0-9\-._~%!$&'()*+,;=:@/?#\[\]]+")
-_REG_NAME = re.compile(r"[A-Za-z0-9\-._~%]+")
-
-#: Bounds shared with the CRD (CEL cost estimation needs them there; here they stop abuse).
-MAX_ITEMS = {
-    "issuers": 16,
-    "rules": 128,
-    "paths": 64,
-    "methods": 16,
-    "audiences": 32,
-    "algorithms": 16,
-    "fromHeaders": 16,
-    "fromParams": 16,
-    "fromCookies": 16,
-    "outputClaimToHeaders": 32,
-    "requiredScopes": 32,
-    "requiredClaims": 16,
-    "values": 64,
-    "matchLabels": 64,
-    "publicKeys": 16,
-}
-MAX_LENGTH = {
-    "jwks": 65536,
-    "publicKeys": 65536,
-    "issuer": 2048,
-    "jwksUri": 2048,
-    "audiences": 2048,
-    "paths": 1024,
-    "values": 1024,
-    "matchLabels": 63,
-}
-DEFAULT_MAX_LENGTH = 256
-
-#: Headers a policy may never set or read claims into: hop-by-hop, pseudo and framing headers.
-RESERVED_HEADERS = frozenset(
-    {
-        "host",
-        "content-length",
-        "content-type",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "upgrade",
-        "te",
-        "trailer",
-        "proxy-authorization",
-        "cookie",
-        "authorization",
-    }
-)
 
 MAX_CLOCK_SKEW_SECONDS = 600
 MIN_JWKS_CACHE_SECONDS = 30
 MAX_JWKS_CACHE_SECONDS = 86_400
 
 
-class _Problems:
-    """Collects problems with field paths while the reader walks a document."""
-
-    def __init__(self) -> None:
-        self.items: list[str] = []
-
-    def add(self, path: str, message: str) -> None:
-        self.items.append(f"{path}: {message}")
-
-
-def _type_name(value: object) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer"}.get(
-        type(value), type(value).__name__
-    )
-
-
-class _Object:
-    """A typed view of one mapping in the document that records problems instead of raising."""
-
-    def __init__(self, data: Mapping[str, Any], path: str, problems: _Problems) -> None:
-        self.data = data
-        self.path = path
-        self.problems = problems
-        self.seen: set[str] = set()
-
-    def _sub(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
-
-    def get(self, key: str, kind: type, default: Any = None, required: bool = False) -> Any:
-        self.seen.add(key)
-        if key not in self.data or self.data[key] is None:
-            if required:
-                self.problems.add(self._sub(key), "is required")
-            return default
-        value = self.data[key]
-        if kind is int and isinstance(value, float) and value.is_integer():
-            value = int(value)  # as the API server stores 60.0
-        # bool is a subclass of int: an int field must not accept true/false.
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            self.problems.add(
-                self._sub(key), f"must be {_type_name(kind())}, not {_type_name(value)}"
-            )
-            return default
-        items = MAX_ITEMS.get(key)
-        if items is not None and isinstance(value, list | dict) and len(value) > items:
-            self.problems.add(self._sub(key), f"must have at most {items} items")
-            return default
-        length = MAX_LENGTH.get(key, DEFAULT_MAX_LENGTH)
-        if isinstance(value, str) and len(value) > length:
-            self.problems.add(self._sub(key), f"must be at most {length} characters")
-            return default
-        return value
-
-    def string(self, key: str, required: bool = False) -> str | None:
-        value = self.get(key, str, required=required)
-        if value is not None and not value:
-            self.problems.add(self._sub(key), "must not be empty")
-            return None
-        return value
-
-    def integer(self, key: str, default: int | None, low: int, high: int) -> int | None:
-        value = self.get(key, int, default)
-        if value is not None and not low <= value <= high:
-            self.problems.add(self._sub(key), f"must be between {low} and {high}")
-            return default
-        return value  # type: ignore[no-any-return]
-
-    def obj(self, key: str, required: bool = False) -> _Object | None:
-        value = self.get(key, dict, required=required)
-        return None if value is None else _Object(value, self._sub(key), self.problems)
-
-    def items(
-        self, key: str, item: Callable[[Any, str], T | None], required: bool = False
-    ) -> list[T]:
-        value = self.get(key, list, required=required)
-        if value is None:
-            return []
-        out: list[T] = []
-        for i, raw in enumerate(value):
-            parsed = item(raw, f"{self._sub(key)}[{i}]")
-            if parsed is not None:
-                out.append(parsed)
-        return out
-
-    def strings(self, key: str) -> list[str]:
-        limit = MAX_LENGTH.get(key, DEFAULT_MAX_LENGTH)
-        return self.items(key, lambda raw, path: _string_item(raw, path, self.problems, limit))
-
-    def finish(self) -> None:
-        """Reports every field the reader did not ask for."""
-        for key in self.data:
-            if key not in self.seen:
-                self.problems.add(self._sub(str(key)), "unknown field")
-
-
-def _string_item(
-    raw: Any, path: str, problems: _Problems, limit: int = DEFAULT_MAX_LENGTH
-) -> str | None:
-    if not isinstance(raw, str) or not raw:
-        problems.add(path, "must be a non-empty string")
-        return None
-    if len(raw) > limit:
-        problems.add(path, f"must be at most {limit} characters")
-        return None
-    return raw
-
-
-def _as_object(raw: Any, path: str, problems: _Problems) -> _Object | None:
-    if not isinstance(raw, dict):
-        problems.add(path, f"must be object, not {_type_name(raw)}")
-        return None
-    return _Object(raw, path, problems)
-
-
-def _is_http_url(value: str) -> bool:
-    """An absolute http(s) URL with a host, nothing urlsplit would have to forgive."""
-    if not _URL_CHARS.fullmatch(value):
-        return False
-    try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 (raises on a bad port)
-    except ValueError:
-        return False
-    if parts.scheme not in ("http", "https"):
-        return False
-    host = parts.netloc.rpartition("@")[2]
-    if host.startswith("["):
-        literal, _, rest = host[1:].partition("]")
-        try:
-            ipaddress.IPv6Address(literal)
-        except ValueError:
-            return False
-        return rest == "" or rest[:1] == ":"
-    return bool(_REG_NAME.fullmatch(host.partition(":")[0]))
-
-
-def _header_name(value: str | None, path: str, problems: _Problems) -> str | None:
-    if value is None:
-        return None
-    if not _HEADER_NAME.fullmatch(value):
-        problems.add(path, "must be a valid HTTP header name")
-        return None
-    lowered = value.lower()
-    if lowered in RESERVED_HEADERS or lowered.startswith((":", "x-envoy-")):
-        problems.add(path, f"{value!r} is reserved and cannot be set by a policy")
-        return None
-    return lowered
-
-
 # --- issuers ----------------------------------------------------------------
 
 
-def _header_location(raw: Any, path: str, problems: _Problems) -> model.HeaderLocation | None:
-    obj = _as_object(raw, path, problems)
+def _header_location(raw: Any, path: str, problems: fields.Problems) -> model.HeaderLocation | None:
+    obj = fields.as_object(raw, path, problems)
     if obj is None:
         return None
     name = obj.string("name", required=True)
@@ -247,17 +44,17 @@ def _header_location(raw: Any, path: str, problems: _Problems) -> model.HeaderLo
     obj.finish()
     if name is None:
         return None
-    if not _HEADER_NAME.fullmatch(name):
+    if not fields.HEADER_NAME.fullmatch(name):
         problems.add(f"{path}.name", "must be a valid HTTP header name")
         return None
     return model.HeaderLocation(name=name.lower(), prefix=prefix)
 
 
-def _claim_to_header(raw: Any, path: str, problems: _Problems) -> model.ClaimToHeader | None:
-    obj = _as_object(raw, path, problems)
+def _claim_to_header(raw: Any, path: str, problems: fields.Problems) -> model.ClaimToHeader | None:
+    obj = fields.as_object(raw, path, problems)
     if obj is None:
         return None
-    header = _header_name(obj.string("header", required=True), f"{path}.header", problems)
+    header = fields.header_name(obj.string("header", required=True), f"{path}.header", problems)
     claim = obj.string("claim", required=True)
     obj.finish()
     if header is None or claim is None:
@@ -265,7 +62,7 @@ def _claim_to_header(raw: Any, path: str, problems: _Problems) -> model.ClaimToH
     return model.ClaimToHeader(header=header, claim=claim)
 
 
-def _inline_jwks(value: str, path: str, problems: _Problems) -> None:
+def _inline_jwks(value: str, path: str, problems: fields.Problems) -> None:
     try:
         doc = json.loads(value)
     except (ValueError, RecursionError):
@@ -279,7 +76,7 @@ def _inline_jwks(value: str, path: str, problems: _Problems) -> None:
         problems.add(path, "has no usable key: " + "; ".join(skipped))
 
 
-def _public_keys(obj: _Object) -> tuple[tuple[str, str], ...]:
+def _public_keys(obj: fields.Object) -> tuple[tuple[str, str], ...]:
     raw = obj.get("publicKeys", dict, {})
     out = []
     for kid, pem in sorted(raw.items()):
@@ -287,8 +84,8 @@ def _public_keys(obj: _Object) -> tuple[tuple[str, str], ...]:
         if not isinstance(pem, str) or "-----BEGIN" not in pem:
             obj.problems.add(path, "must be a PEM public key or X.509 certificate")
             continue
-        if len(pem) > MAX_LENGTH["publicKeys"]:
-            obj.problems.add(path, f"must be at most {MAX_LENGTH['publicKeys']} characters")
+        if len(pem) > fields.MAX_LENGTH["publicKeys"]:
+            obj.problems.add(path, f"must be at most {fields.MAX_LENGTH['publicKeys']} characters")
             continue
         keyset, skipped = keys.parse_pem_keys([(str(kid), pem)])
         if not keyset.keys:
@@ -298,8 +95,8 @@ def _public_keys(obj: _Object) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def _issuer(raw: Any, path: str, problems: _Problems) -> model.Issuer | None:
-    obj = _as_object(raw, path, problems)
+def _issuer(raw: Any, path: str, problems: fields.Problems) -> model.Issuer | None:
+    obj = fields.as_object(raw, path, problems)
     if obj is None:
         return None
     issuer = obj.string("issuer", required=True)
@@ -314,11 +111,11 @@ def _issuer(raw: Any, path: str, problems: _Problems) -> model.Issuer | None:
         problems.add(
             path, f"set only one of jwksUri, jwks, publicKeys (found {', '.join(sources)})"
         )
-    if jwks_uri is not None and not _is_http_url(jwks_uri):
+    if jwks_uri is not None and not fields.is_http_url(jwks_uri):
         problems.add(f"{path}.jwksUri", "must be an http(s) URL")
     if jwks is not None:
         _inline_jwks(jwks, f"{path}.jwks", problems)
-    if not sources and issuer is not None and not _is_http_url(issuer):
+    if not sources and issuer is not None and not fields.is_http_url(issuer):
         problems.add(
             f"{path}.issuer",
             "must be an http(s) URL when no jwksUri, jwks or publicKeys is set (OIDC discovery)",
@@ -341,7 +138,7 @@ def _issuer(raw: Any, path: str, problems: _Problems) -> model.Issuer | None:
     if not (from_headers or from_params or from_cookies):
         from_headers = [model.HeaderLocation("authorization", "Bearer ")]
 
-    payload_header = _header_name(
+    payload_header = fields.header_name(
         obj.string("outputPayloadToHeader"), f"{path}.outputPayloadToHeader", problems
     )
     claim_headers = obj.items("outputClaimToHeaders", lambda r, p: _claim_to_header(r, p, problems))
@@ -394,7 +191,7 @@ def _issuer(raw: Any, path: str, problems: _Problems) -> model.Issuer | None:
 # --- rules ------------------------------------------------------------------
 
 
-def _action(value: str | None, path: str, problems: _Problems) -> model.Action | None:
+def _action(value: str | None, path: str, problems: fields.Problems) -> model.Action | None:
     if value is None:
         return None
     try:
@@ -404,8 +201,8 @@ def _action(value: str | None, path: str, problems: _Problems) -> model.Action |
         return None
 
 
-def _path_pattern(raw: Any, path: str, problems: _Problems) -> str | None:
-    value = _string_item(raw, path, problems, MAX_LENGTH["paths"])
+def _path_pattern(raw: Any, path: str, problems: fields.Problems) -> str | None:
+    value = fields.string_item(raw, path, problems, fields.MAX_LENGTH["paths"])
     if value is not None and not _PATH.fullmatch(value):
         problems.add(
             path, "must start with '/', contain no '?', '#' or spaces, and use '*' only at the end"
@@ -414,16 +211,16 @@ def _path_pattern(raw: Any, path: str, problems: _Problems) -> str | None:
     return value
 
 
-def _method(raw: Any, path: str, problems: _Problems) -> str | None:
-    value = _string_item(raw, path, problems)
+def _method(raw: Any, path: str, problems: fields.Problems) -> str | None:
+    value = fields.string_item(raw, path, problems)
     if value is not None and not (value.isascii() and _METHOD.fullmatch(value.upper())):
         problems.add(path, "must be an HTTP method name")
         return None
     return None if value is None else value.upper()
 
 
-def _required_claim(raw: Any, path: str, problems: _Problems) -> model.RequiredClaim | None:
-    obj = _as_object(raw, path, problems)
+def _required_claim(raw: Any, path: str, problems: fields.Problems) -> model.RequiredClaim | None:
+    obj = fields.as_object(raw, path, problems)
     if obj is None:
         return None
     claim = obj.string("claim", required=True)
@@ -436,8 +233,8 @@ def _required_claim(raw: Any, path: str, problems: _Problems) -> model.RequiredC
     return model.RequiredClaim(claim=claim, values=tuple(values))
 
 
-def _rule(raw: Any, path: str, problems: _Problems) -> model.Rule | None:
-    obj = _as_object(raw, path, problems)
+def _rule(raw: Any, path: str, problems: fields.Problems) -> model.Rule | None:
+    obj = fields.as_object(raw, path, problems)
     if obj is None:
         return None
     paths = obj.items("paths", lambda r, p: _path_pattern(r, p, problems))
@@ -464,7 +261,7 @@ def _rule(raw: Any, path: str, problems: _Problems) -> model.Rule | None:
 # --- documents --------------------------------------------------------------
 
 
-def _metadata(obj: _Object, default_namespace: str) -> tuple[str | None, str, dict[str, Any]]:
+def _metadata(obj: fields.Object, default_namespace: str) -> tuple[str | None, str, dict[str, Any]]:
     meta = obj.get("metadata", dict, required=True) or {}
     name = meta.get("name")
     if not isinstance(name, str) or not _DNS_SUBDOMAIN.fullmatch(name) or len(name) > 253:
@@ -482,8 +279,8 @@ def parse_policy(doc: Any, default_namespace: str = "default") -> model.JWTPolic
 
     Raises PolicyError listing every problem with its field path.
     """
-    problems = _Problems()
-    root = _as_object(doc, "", problems)
+    problems = fields.Problems()
+    root = fields.as_object(doc, "", problems)
     if root is None:
         raise PolicyError(["document must be a JWTPolicy object"])
     api_version = root.get("apiVersion", str, required=True)
@@ -506,7 +303,7 @@ def parse_policy(doc: Any, default_namespace: str = "default") -> model.JWTPolic
         bad = [k for k, v in labels.items() if not isinstance(k, str) or not isinstance(v, str)]
         if bad:
             problems.add("spec.selector.matchLabels", "keys and values must be strings")
-        elif any(len(v) > MAX_LENGTH["matchLabels"] for v in labels.values()):
+        elif any(len(v) > fields.MAX_LENGTH["matchLabels"] for v in labels.values()):
             problems.add("spec.selector.matchLabels", "label values must be at most 63 characters")
         match_labels = tuple(sorted((str(k), str(v)) for k, v in labels.items())) or None
         selector.finish()

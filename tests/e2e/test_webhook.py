@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from lastguard.operator import flags, inject, webhook
+from lastguard.operator import flags, inject, inject_spec, webhook
 from lastguard.operator.webhook import WebhookError, WebhookHandle
 from tests.support import admission, certs
 from tests.support.admission import api_server_pod
@@ -165,7 +165,7 @@ async def test_a_labelled_pod_comes_back_patched_as_documented(
     assert sidecar["args"][sidecar["args"].index("--listen") + 1] == "127.0.0.1:9191"
     assert patched["metadata"]["annotations"]["lastguard.dev/injected"] == "true"
     # What the unit tests pin in detail is exactly what goes over the wire.
-    config = inject.InjectionConfig(
+    config = inject_spec.InjectionConfig(
         IMAGE,
         "lastguard-operator.lastguard-system.svc:15010",
         excluded_namespaces=frozenset({"legacy", OWN_NAMESPACE}),

@@ -43,7 +43,7 @@ import yaml
 
 from lastguard.sidecar.devissuer import DevIssuer
 from lastguard.sidecar.errors import PolicyError
-from lastguard.sidecar.policy import model, parse
+from lastguard.sidecar.policy import fields, model, parse
 from tests.support.policies import document as policy
 from tests.support.policies import with_issuer
 
@@ -853,7 +853,7 @@ OUTPUT_HEADER_PLACES = {
 @pytest.mark.parametrize("place", OUTPUT_HEADER_PLACES)
 @pytest.mark.parametrize(
     "header",
-    [*sorted(parse.RESERVED_HEADERS), "Content-Type", "X-ENVOY-ORIGINAL-PATH", "x-envoy-x"],
+    [*sorted(fields.RESERVED_HEADERS), "Content-Type", "X-ENVOY-ORIGINAL-PATH", "x-envoy-x"],
 )
 def test_every_reserved_header_is_refused_by_both(place: str, header: str) -> None:
     doc = OUTPUT_HEADER_PLACES[place](header)
@@ -1059,7 +1059,7 @@ def test_reserved_header_list_is_the_parsers(steps: Steps) -> None:
     (rule,) = node_at(*steps)["x-kubernetes-validations"]
     listed = re.search(r"in \[(.*?)\]", rule["rule"], re.S)
     assert listed is not None
-    assert set(re.findall(r"'([^']*)'", listed[1])) == parse.RESERVED_HEADERS
+    assert set(re.findall(r"'([^']*)'", listed[1])) == fields.RESERVED_HEADERS
 
 
 # --- drift: a field in the parser, the model or the CRD but not in the others ------
@@ -1099,18 +1099,18 @@ def test_maximal_policy_sets_every_crd_field(part: str) -> None:
 
 
 def test_parser_reads_exactly_the_crd_fields(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Every field the parser knows goes through _Object.get, asked for whether or not
+    # Every field the parser knows goes through fields.Object.get, asked for whether or not
     # the document has it; recording those calls while it reads MAXIMAL (which has
     # every kind of object) lists the fields it accepts. A field added to the parser
     # and not to the CRD, or the other way round, fails here.
     asked: set[str] = set()
-    real_get = parse._Object.get
+    real_get = fields.Object.get
 
     def spy(self: Any, key: str, *args: Any, **kwargs: Any) -> Any:
         asked.add(re.sub(r"\[\d+\]", "[]", f"{self.path}.{key}" if self.path else key))
         return real_get(self, key, *args, **kwargs)
 
-    monkeypatch.setattr(parse._Object, "get", spy)
+    monkeypatch.setattr(fields.Object, "get", spy)
     parse.parse_policy(copy.deepcopy(MAXIMAL))
     assert {f for f in asked if f.startswith("spec.")} == _schema_fields("spec")
 

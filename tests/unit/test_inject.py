@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 import yaml
 
-from lastguard.operator import bootstrap, inject
+from lastguard.operator import bootstrap, inject, inject_spec
 from lastguard.operator.bootstrap import Protocol
-from lastguard.operator.inject import InjectionConfig, InjectionRefused, MalformedPod, Mode
+from lastguard.operator.inject import InjectionRefused, MalformedPod
+from lastguard.operator.inject_spec import InjectionConfig, Mode
 from lastguard.sidecar import cli, podinfo
 from tests.support import admission
 from tests.support.admission import api_server_pod
@@ -157,7 +158,7 @@ def test_the_downward_api_volume_is_the_layout_the_sidecar_reads() -> None:
 
 
 def test_the_sidecar_arguments_are_accepted_by_the_sidecar_command() -> None:
-    args = cli.build_parser().parse_args(inject.sidecar_args(CONFIG))
+    args = cli.build_parser().parse_args(inject_spec.sidecar_args(CONFIG))
     assert cli._sidecar_source_problem(args) is None
     assert args.listen == "127.0.0.1:9191"  # Check stays on loopback
     assert args.health_listen == "0.0.0.0:9091"  # what the kubelet probes
@@ -172,7 +173,7 @@ def test_envoy_mode_adds_an_envoy_with_the_shipped_bootstrap() -> None:
         "lastguard-envoy",
     ]
     envoy = admission.container(pod, "lastguard-envoy")
-    assert envoy["image"] == inject.DEFAULT_ENVOY_IMAGE
+    assert envoy["image"] == inject_spec.DEFAULT_ENVOY_IMAGE
     assert envoy["command"] == ["envoy"]
     args = envoy["args"]
     assert args[0] == "--config-yaml"
@@ -289,8 +290,8 @@ def test_config_reaches_the_containers() -> None:
         ca_configmap="corp-ca",
         ca_key="bundle.pem",
         envoy_image="registry.internal/envoy:1.40.0",
-        resources=inject.Resources("100m", "128Mi", ""),
-        envoy_resources=inject.Resources("", "", "512Mi"),
+        resources=inject_spec.Resources("100m", "128Mi", ""),
+        envoy_resources=inject_spec.Resources("", "", "512Mi"),
         log_level="warning",
     )
     annotations = {"lastguard.dev/mode": "envoy"}
@@ -618,8 +619,9 @@ def test_envoy_mode_warns_about_app_probes_the_kubelet_cannot_reach(
 # --- layering ------------------------------------------------------------------------------
 
 
-def test_inject_is_pure() -> None:
-    tree = ast.parse((ROOT / "operator/inject.py").read_text())
+@pytest.mark.parametrize("module", ["inject", "inject_spec"])
+def test_inject_is_pure(module: str) -> None:
+    tree = ast.parse((ROOT / f"operator/{module}.py").read_text())
     imported = {
         (node.module or "") if isinstance(node, ast.ImportFrom) else alias.name
         for node in ast.walk(tree)
@@ -628,4 +630,5 @@ def test_inject_is_pure() -> None:
     }
     allowed = {"__future__", "enum", "json", "re", "collections.abc", "dataclasses", "typing"}
     allowed |= {"lastguard.sidecar", "lastguard.sidecar.errors", "lastguard.operator.bootstrap"}
+    allowed |= {"lastguard.operator.inject_spec"}
     assert imported <= allowed, imported - allowed

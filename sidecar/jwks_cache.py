@@ -36,10 +36,9 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from lastguard.sidecar import errors, fetch, keys, metrics
-from lastguard.sidecar.policy import model
+from lastguard.sidecar.policy import fields, model
 
 log = logging.getLogger("lastguard.keys")
 
@@ -298,7 +297,7 @@ class RemoteKeySource(KeySource):
                 f"does not match {self._discovery_issuer!r}"
             )
         jwks_uri = data.get("jwks_uri")
-        if not isinstance(jwks_uri, str) or not _is_http_url(jwks_uri):
+        if not isinstance(jwks_uri, str) or not fields.is_http_url(jwks_uri):
             raise errors.KeyFetchError(f"{url}: jwks_uri {_short(jwks_uri)} is not an http(s) URL")
         self._discovered_jwks_uri = jwks_uri
         self._discovered_until = self._clock() + self._ttl(document.max_age)
@@ -447,14 +446,6 @@ def _source_key(issuer: model.Issuer) -> _SourceKey:
 
 def _discovery_url(issuer: str) -> str:
     return issuer.rstrip("/") + "/.well-known/openid-configuration"
-
-
-def _is_http_url(value: str) -> bool:
-    try:
-        parts = urlsplit(value)
-    except ValueError:
-        return False
-    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 def _short(value: object, limit: int = 120) -> str:

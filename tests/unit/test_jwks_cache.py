@@ -409,6 +409,13 @@ async def test_discovery_then_jwks_and_discovery_is_cached() -> None:
         pytest.param(discovery(jwks_uri="ftp://idp.test/k"), "not an http(s) URL", id="ftp"),
         pytest.param(discovery(jwks_uri="/jwks.json"), "not an http(s) URL", id="relative"),
         pytest.param(discovery(jwks_uri=None), "not an http(s) URL", id="jwks-uri-missing"),
+        # Held to the policy's own jwksUri rule (policy.fields), not a looser one.
+        pytest.param(
+            discovery(jwks_uri="https://idp.test:99999/k"), "not an http(s) URL", id="bad-port"
+        ),
+        pytest.param(
+            discovery(jwks_uri="https://idp.test/k s"), "not an http(s) URL", id="space-in-url"
+        ),
     ],
 )
 async def test_bad_discovery_documents(document: dict[str, Any], error: str) -> None:

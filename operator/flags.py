@@ -1,7 +1,7 @@
 """The flags of `lastguard operator` (the operator and its injection webhook). No I/O.
 
-Defined apart from `main` and `webhook`, which import kopf, aiohttp and the
-Kubernetes client, so that the CLI builds its whole parser for every
+Defined apart from `main` (which imports kopf, the Kubernetes client and
+aiohttp) and `webhook` (aiohttp), so that the CLI builds its whole parser for every
 subcommand without loading them: `lastguard sidecar` never imports the
 operator's stack. The flags become config objects in `main.config_from` and
 `webhook.config_from`.

@@ -34,7 +34,14 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import start_http_server
 
-from lastguard.operator import ca_publisher, cluster_api, controller, kube, leader
+from lastguard.operator import (
+    ca_publisher,
+    cluster_api,
+    controller,
+    distribution_tls,
+    kube,
+    leader,
+)
 from lastguard.operator.index import PolicyIndex
 from lastguard.sidecar import fetch, jwks_cache
 
@@ -47,17 +54,10 @@ _DNS_SUBDOMAIN = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(\.{_LABEL})*")
 
 
 @dataclass(frozen=True, slots=True)
-class TlsConfig:
-    cert: Path
-    key: Path
-    client_ca: Path | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class OperatorConfig:
     namespaces: tuple[str, ...] = ()  # empty: all
     listen: str = "0.0.0.0:15010"  # sidecars in every pod connect here
-    tls: TlsConfig | None = None  # None: plaintext (--insecure)
+    tls: distribution_tls.TlsFiles | None = None  # None: plaintext (--insecure)
     metrics_listen: str | None = None
     health_listen: str | None = None
     leader_election: bool = True
@@ -92,7 +92,7 @@ def config_from(args: argparse.Namespace) -> OperatorConfig:
     if not args.insecure:
         if not (args.tls_cert and args.tls_key):
             raise SystemExit("give --tls-cert and --tls-key, or --insecure for local development")
-        tls = TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca)
+        tls = distribution_tls.TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
     if not _DNS_SUBDOMAIN.fullmatch(args.ca_configmap_name):
         raise SystemExit(f"--ca-configmap-name {args.ca_configmap_name!r} is not a ConfigMap name")
     return OperatorConfig(
@@ -222,15 +222,12 @@ class Operator:
         Before that, a snapshot could miss policies that exist, and a sidecar would
         enforce less than it should: better it keeps its last policy meanwhile.
         """
-        from lastguard.operator import distribution, distribution_tls
+        from lastguard.operator import distribution
 
         await self.controller.synced.wait()
-        tls = None
-        if self.config.tls is not None:
-            tls = distribution_tls.TlsFiles(
-                self.config.tls.cert, self.config.tls.key, self.config.tls.client_ca
-            )
-        self._grpc = await distribution.serve(self.distribution, self.config.listen, tls)
+        self._grpc = await distribution.serve(
+            self.distribution, self.config.listen, self.config.tls
+        )
         await self._grpc.wait_for_termination()
 
     async def wait(self) -> BaseException | None:

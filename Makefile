@@ -72,7 +72,7 @@ lint: $(STAMP)
 	@ln -sfn ../../../proto $(TYPECHECK)/lastguard/proto
 	@ln -sfn ../../../operator $(TYPECHECK)/lastguard/operator
 	cd $(TYPECHECK) && MYPYPATH=. ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p lastguard.sidecar -p lastguard.operator
-	MYPYPATH=scripts:. $(VENV)/bin/mypy --config-file pyproject.toml scripts/*.py
+	MYPYPATH=scripts:. $(VENV)/bin/mypy --config-file pyproject.toml scripts/*.py scripts/benchkit/*.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .demo .bench

@@ -21,11 +21,11 @@ from lastguard.proto.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_g
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-import bench  # noqa: E402
+from benchkit import config, plan, soak_outcome, soak_runs, summary, tokens  # noqa: E402
 
 
-def row(variant: str, case: str, rps: float, cpu: float, paced_p99: float) -> bench.Row:
-    return bench.Row(
+def row(variant: str, case: str, rps: float, cpu: float, paced_p99: float) -> summary.Row:
+    return summary.Row(
         variant=variant, case=case, rps=rps, p50_ms=1.0, p99_ms=2.0, paced_rps=1000.0,
         paced_p99_ms=paced_p99, server_cpu_s_per_1k=cpu, envoy_cpu_s_per_1k=0.1,
         paced_server_cpu_s_per_1k=cpu, cache_hit_share=1.0, runs=3, left_out=0, problems=[],
@@ -33,13 +33,13 @@ def row(variant: str, case: str, rps: float, cpu: float, paced_p99: float) -> be
 
 
 def test_the_plan_covers_every_variant_and_case_once_per_round_and_mode() -> None:
-    runs, needed = bench.plan(bench.Settings(rounds=2))
-    pairs = {(v, c) for v, cases in bench.VARIANT_CASES.items() for c in cases}
-    assert len(runs) == 2 * len(bench.MODES) * len(pairs)
+    runs, needed = plan.plan(config.Settings(rounds=2))
+    pairs = {(v, c) for v, cases in plan.VARIANT_CASES.items() for c in cases}
+    assert len(runs) == 2 * len(plan.MODES) * len(pairs)
     assert {(r.variant, r.case) for r in runs} == pairs
-    assert set(needed) == set(bench.ALGORITHMS)
-    assert set(bench.SERVER_OF) == set(bench.PROTOCOL_OF)
-    assert set(bench.FLOOR_OF.values()) <= set(bench.VARIANT_CASES)
+    assert set(needed) == set(tokens.ALGORITHMS)
+    assert set(plan.SERVER_OF) == set(plan.PROTOCOL_OF)
+    assert set(plan.FLOOR_OF.values()) <= set(plan.VARIANT_CASES)
 
 
 def test_each_lastguard_variant_is_held_to_its_own_protocols_floor() -> None:
@@ -50,12 +50,12 @@ def test_each_lastguard_variant_is_held_to_its_own_protocols_floor() -> None:
         row("lastguard", "hit-rs256", 3600, 0.33, 3.5),
         row("lastguard_http", "hit-rs256", 6000, 0.06, 2.0),
     ]
-    items = {item["variant"]: item for item in bench.ratios(rows)}
+    items = {item["variant"]: item for item in summary.ratios(rows)}
     assert items["lastguard"]["rps_vs_noop"] == pytest.approx(0.9)
     assert items["lastguard_http"]["rps_vs_noop"] == pytest.approx(0.75)
     assert items["lastguard_http"]["cpu_vs_noop"] == pytest.approx(1.5)
     assert items["lastguard_http"]["paced_p99_minus_jwt_authn_ms"] == pytest.approx(1.0)
-    verdicts = {t["target"]: t["pass"] for t in bench.targets(rows, list(items.values()), 55.0)}
+    verdicts = {t["target"]: t["pass"] for t in summary.targets(rows, list(items.values()), 55.0)}
     assert verdicts["lastguard hit-rs256: throughput >= 0.9x no-op"]
     assert not verdicts["lastguard_http hit-rs256: CPU per request <= 1.2x no-op"]
     assert verdicts["lastguard_http hit-rs256: p99 at 1k req/s within 2 ms of jwt_authn"]
@@ -71,10 +71,8 @@ def test_the_micro_benchmark_runs() -> None:
 
 
 def _samples(rss: list[float]) -> list[Any]:
-    import soak
-
     return [
-        soak.Sample(result=None, elapsed=30.0 * (n + 1), rss_mb=mb, cpu_cores=0.5)
+        soak_runs.Sample(result=None, elapsed=30.0 * (n + 1), rss_mb=mb, cpu_cores=0.5)
         for n, mb in enumerate(rss)
     ]  # type: ignore[arg-type]
 
@@ -88,9 +86,7 @@ def _samples(rss: list[float]) -> list[Any]:
     ],
 )
 def test_the_soak_verdict_tells_growth_from_noise(rss: list[float], grew: bool) -> None:
-    import soak
-
-    verdict = soak.Verdict.of(_samples(rss))
+    verdict = soak_outcome.Verdict.of(_samples(rss))
     assert verdict.grew is grew
 
 

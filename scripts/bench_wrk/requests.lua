@@ -13,8 +13,8 @@
 -- Every request is formatted in init(), before wrk starts its clock, so the
 -- per-request Lua cost is one table lookup, the same for every case. Each
 -- fresh token is sent once; should a thread's share run out, it starts over
--- and counts `reused`, which bench.py reports as an invalid cache-miss run.
--- done() prints one line, "BENCH_RESULT {json}", that bench.py reads.
+-- and counts `reused`, which benchkit/runner.py reports as an invalid cache-miss run.
+-- done() prints one line, "BENCH_RESULT {json}", that benchkit/runner.py reads.
 
 local threads = {}
 

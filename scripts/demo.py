@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))  # the harness in tests/support runs the demo's se
 
 from lastguard.sidecar import devissuer  # noqa: E402
 from tests.support import envoy as envoy_support  # noqa: E402
+from tests.support import envoy_config  # noqa: E402
 from tests.support.sidecar import SidecarError, SidecarProcess  # noqa: E402
 from tests.support.upstream import UpstreamApp  # noqa: E402
 
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         app = stack.enter_context(UpstreamApp())
         say(f"echo app         {app.url}")
 
-        config = envoy_support.rewrite_sidecar_bootstrap(
+        config = envoy_config.rewrite_sidecar_bootstrap(
             yaml.safe_load(MANIFEST.read_text()), app_port=app.port, authz_port=sidecar.port
         )
         envoy = envoy_support.EnvoyProcess(

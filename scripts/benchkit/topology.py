@@ -13,7 +13,7 @@ from typing import Any
 
 from benchkit import plan, tokens
 from lastguard.sidecar import devissuer
-from tests.support import envoy as envoy_support
+from tests.support import envoy_config
 
 
 def bench_policy(jwks_json: str, partner: devissuer.DevIssuer, jobs: devissuer.DevIssuer) -> Any:
@@ -90,14 +90,14 @@ def bench_policy(jwks_json: str, partner: devissuer.DevIssuer, jobs: devissuer.D
 
 def _direct_response_listener(
     name: str, http_filters: Sequence[Mapping[str, Any]], clusters: Sequence[dict[str, Any]] = ()
-) -> envoy_support.ListenerSpec:
+) -> envoy_config.ListenerSpec:
     """The tests' listener, answering 200 itself instead of routing to an app.
 
     The auth filters still run before the router, which sends the direct
     response; so no upstream can be the bottleneck. The access log goes too:
     a line per request would be measured along with the filters.
     """
-    listener = envoy_support.http_listener(name, http_filters)
+    listener = envoy_config.http_listener(name, http_filters)
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     del hcm["access_log"]
     hcm["route_config"]["virtual_hosts"][0]["routes"] = [
@@ -106,10 +106,10 @@ def _direct_response_listener(
             "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}},
         }
     ]
-    return envoy_support.ListenerSpec(name=name, listener=listener, clusters=tuple(clusters))
+    return envoy_config.ListenerSpec(name=name, listener=listener, clusters=tuple(clusters))
 
 
-def bench_listeners(jwks_json: str, ports: Mapping[str, int]) -> list[envoy_support.ListenerSpec]:
+def bench_listeners(jwks_json: str, ports: Mapping[str, int]) -> list[envoy_config.ListenerSpec]:
     """Envoy's listeners, one per variant; `ports` maps each ext_authz variant to its server's
     port (gRPC for `lastguard` and `noop`, HTTP for the `_http` variants)."""
     authz = [authz_listener(variant, ports[variant]) for variant in plan.SERVER_OF]
@@ -118,7 +118,7 @@ def bench_listeners(jwks_json: str, ports: Mapping[str, int]) -> list[envoy_supp
         _direct_response_listener(
             "jwt_authn",
             [
-                envoy_support.jwt_authn_filter(
+                envoy_config.jwt_authn_filter(
                     issuer=tokens.ISSUER,
                     audiences=[tokens.AUDIENCE],
                     local_jwks=jwks_json,
@@ -130,11 +130,11 @@ def bench_listeners(jwks_json: str, ports: Mapping[str, int]) -> list[envoy_supp
     ]
 
 
-def authz_listener(variant: str, port: int) -> envoy_support.ListenerSpec:
+def authz_listener(variant: str, port: int) -> envoy_config.ListenerSpec:
     """The listener of one ext_authz variant (`lastguard`, `noop`, ...), its server on `port`."""
     protocol = plan.PROTOCOL_OF[variant]
     return _direct_response_listener(
         variant,
-        [envoy_support.ext_authz_filter(authz_cluster=variant, timeout="2s", protocol=protocol)],
-        [envoy_support.static_cluster(variant, port, http2=protocol == "grpc")],
+        [envoy_config.ext_authz_filter(authz_cluster=variant, timeout="2s", protocol=protocol)],
+        [envoy_config.static_cluster(variant, port, http2=protocol == "grpc")],
     )

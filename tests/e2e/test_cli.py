@@ -14,7 +14,7 @@ import jwt
 import pytest
 
 from lastguard.sidecar.devissuer import DevIssuer
-from tests.support import envoy as envoy_support
+from tests.support import envoy_config
 from tests.support.envoy import StartEnvoy
 from tests.support.sidecar import PolicyWriter, StartSidecarProcess
 from tests.support.upstream import UpstreamApp
@@ -149,7 +149,7 @@ def test_sidecar_process_logs_one_json_line_per_denial_without_tokens(
 ) -> None:
     sidecar = start_sidecar_process(write_policy(inline_policy(dev)))
     envoy = start_envoy(
-        [envoy_support.ext_authz_listener(authz_port=sidecar.port, upstream_port=upstream.port)]
+        [envoy_config.ext_authz_listener(authz_port=sidecar.port, upstream_port=upstream.port)]
     )
     expired = dev.mint({"sub": "alice"}, audience="api", lifetime=-3600)
     assert envoy.request("GET", "/api/x?q=1", {"authorization": f"Bearer {expired}"}).status == 401

@@ -65,7 +65,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm, get_default_algorithms
 
-from tests.support import envoy as envoy_support
+from tests.support import envoy_config
 from tests.support.envoy import EnvoyProcess, HttpResponse
 from tests.support.issuer import ThreadedTestIssuer
 from tests.support.sidecar import PolicyWriter, SidecarThread
@@ -399,7 +399,7 @@ def envoy(
     policy_file = PolicyWriter(tmp_path_factory.mktemp("differential") / "policy.yaml")
     with SidecarThread(policy_file(policy(kit.issuer))) as sidecar:
         listeners = [
-            envoy_support.jwt_authn_listener(
+            envoy_config.jwt_authn_listener(
                 "native",
                 upstream_port=upstream_app.port,
                 issuer=kit.issuer.issuer,
@@ -407,7 +407,7 @@ def envoy(
                 remote_jwks_uri=kit.issuer.jwks_uri,
                 clock_skew_seconds=CLOCK_SKEW_SECONDS,
             ),
-            envoy_support.ext_authz_listener(
+            envoy_config.ext_authz_listener(
                 "lastguard", authz_port=sidecar.port, upstream_port=upstream_app.port
             ),
         ]

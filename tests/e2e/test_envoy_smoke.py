@@ -28,6 +28,7 @@ from lastguard.proto.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_g
 from lastguard.proto.envoy.type.v3 import http_status_pb2
 from lastguard.proto.google.rpc import status_pb2
 from tests.support import envoy as envoy_support
+from tests.support import envoy_config
 from tests.support.envoy import EnvoyProcess, StartEnvoy
 from tests.support.issuer import ThreadedTestIssuer
 from tests.support.sidecar import (
@@ -118,7 +119,7 @@ def envoy_to_fake(
 ) -> EnvoyProcess:
     _, authz_port = fake_authz
     return start_envoy(
-        [envoy_support.ext_authz_listener(authz_port=authz_port, upstream_port=upstream.port)]
+        [envoy_config.ext_authz_listener(authz_port=authz_port, upstream_port=upstream.port)]
     )
 
 
@@ -160,7 +161,7 @@ def test_unreachable_authorization_server_fails_closed_with_503(
     start_envoy: StartEnvoy, upstream: UpstreamApp
 ) -> None:
     envoy = start_envoy(
-        [envoy_support.ext_authz_listener(authz_port=free_port(), upstream_port=upstream.port)]
+        [envoy_config.ext_authz_listener(authz_port=free_port(), upstream_port=upstream.port)]
     )
     response = envoy.request("GET", "/orders", {"x-allow": "yes"})
     assert response.status == 503
@@ -222,7 +223,7 @@ def test_jwt_authn_listeners_with_local_and_remote_keys(
 ) -> None:
     envoy = start_envoy(
         [
-            envoy_support.jwt_authn_listener(
+            envoy_config.jwt_authn_listener(
                 "local",
                 upstream_port=upstream.port,
                 issuer=issuer.issuer,
@@ -230,7 +231,7 @@ def test_jwt_authn_listeners_with_local_and_remote_keys(
                 local_jwks=json.dumps(issuer.dev.jwks()),
                 claim_to_headers=[("x-user", "sub")],
             ),
-            envoy_support.jwt_authn_listener(
+            envoy_config.jwt_authn_listener(
                 "remote",
                 upstream_port=upstream.port,
                 issuer=issuer.issuer,
@@ -285,7 +286,7 @@ def test_real_sidecar_behind_envoy(
 ) -> None:
     sidecar = start_sidecar(write_policy(api_policy(issuer)))
     envoy = start_envoy(
-        [envoy_support.ext_authz_listener(authz_port=sidecar.port, upstream_port=upstream.port)]
+        [envoy_config.ext_authz_listener(authz_port=sidecar.port, upstream_port=upstream.port)]
     )
     denied = envoy.request("GET", "/api/orders")
     assert denied.status == 401
@@ -309,7 +310,7 @@ def test_sidecar_without_a_loadable_policy_fails_closed(
 ) -> None:
     sidecar = start_sidecar(write_policy("kind: NotAPolicy\n"), ready="port")
     envoy = start_envoy(
-        [envoy_support.ext_authz_listener(authz_port=sidecar.port, upstream_port=upstream.port)]
+        [envoy_config.ext_authz_listener(authz_port=sidecar.port, upstream_port=upstream.port)]
     )
     response = envoy.request("GET", "/healthz")  # even the Allow path: there is no policy yet
     assert response.status == 503
@@ -353,7 +354,7 @@ def test_sidecar_manifest_as_shipped_with_the_sidecar_cli(
     extra = ["--http-listen", f"127.0.0.1:{http_port}"] if protocol == "http" else []
     sidecar: SidecarProcess = start_sidecar_process(write_policy(policy), extra_args=extra)
     manifest = SIDECAR_HTTP_MANIFEST if protocol == "http" else SIDECAR_MANIFEST
-    config = envoy_support.rewrite_sidecar_bootstrap(
+    config = envoy_config.rewrite_sidecar_bootstrap(
         yaml.safe_load(manifest.read_text()),
         app_port=upstream.port,
         authz_port=http_port if protocol == "http" else sidecar.port,

@@ -42,6 +42,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lastguard.sidecar.devissuer import DevIssuer
 from tests.support import envoy as envoy_support
+from tests.support import envoy_config
 from tests.support.crd import status_problems
 from tests.support.kube import JWTPOLICIES, ApiServer
 from tests.support.operator import eventually
@@ -331,7 +332,7 @@ async def world(
             # Ready means SERVING: each sidecar has applied the snapshot of its workload.
             await asyncio.gather(asyncio.to_thread(orders.start), asyncio.to_thread(billing.start))
             listeners = [
-                envoy_support.ext_authz_listener(
+                envoy_config.ext_authz_listener(
                     sidecar.app,
                     authz_port=sidecar.port,
                     upstream_port=upstream.port,

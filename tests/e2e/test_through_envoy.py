@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import envoy as envoy_support
+from tests.support import envoy_config
 from tests.support.clock import FakeClock
 from tests.support.envoy import EnvoyProcess, HttpResponse, StartEnvoy
 from tests.support.issuer import ThreadedTestIssuer
@@ -112,7 +112,7 @@ def stack(
         authz_port = sidecar.http_port if protocol == "http" else sidecar.port
         envoy = start_envoy(
             [
-                envoy_support.ext_authz_listener(
+                envoy_config.ext_authz_listener(
                     authz_port=authz_port, upstream_port=upstream.port, protocol=protocol
                 )
             ]
@@ -218,7 +218,7 @@ def test_no_policy_selects_the_workload_is_403(
         doc["spec"]["selector"] = {"matchLabels": {"app": "billing"}}
         sidecar = start_sidecar(write_policy(doc), workload=_workload("default", {"app": "orders"}))
         envoy = start_envoy(
-            [envoy_support.ext_authz_listener(authz_port=sidecar.port, upstream_port=upstream.port)]
+            [envoy_config.ext_authz_listener(authz_port=sidecar.port, upstream_port=upstream.port)]
         )
         response = envoy.request("GET", "/healthz")
         assert response.status == 403
@@ -276,7 +276,7 @@ def test_jwks_down_at_start_is_503_then_recovers(
         clock = FakeClock()
         sidecar = start_sidecar(write_policy(policy(issuer)), key_clock=clock)
         envoy = start_envoy(
-            [envoy_support.ext_authz_listener(authz_port=sidecar.port, upstream_port=upstream.port)]
+            [envoy_config.ext_authz_listener(authz_port=sidecar.port, upstream_port=upstream.port)]
         )
         token = issuer.mint({"sub": "alice"}, audience="api")
         response = envoy.request("GET", "/api/x", {"authorization": f"Bearer {token}"})

@@ -10,6 +10,13 @@ One `_Connection` per Envoy connection. Requests are answered in order: a
 request whose decision has to wait (a key fetch) holds back the ones pipelined
 behind it. Decisions that need no waiting are answered in the same event-loop
 callback that read them (`eager`), without a Task.
+
+A connection the server ends (a malformed request, `connection: close`) ends
+with a lingering close, as nginx and Apache do: the answer is written, the
+write side shut, and what the client still sends is read and dropped until it
+closes or `LINGER_SECONDS` pass. Closing at once with unread input makes the
+kernel reset the connection, and a reset can destroy the answer before the
+client reads it.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ log = logging.getLogger("lastguard.http")
 
 #: Stop reading from a connection while this much is buffered behind a waiting request.
 _PAUSE_BYTES = http_wire.MAX_HEAD_BYTES + 4
+#: How long an ended connection goes on draining the client's input before closing.
+LINGER_SECONDS = 2.0
 
 
 class HttpAuthzServer:
@@ -72,6 +81,9 @@ class _Connection(asyncio.Protocol):
         #: A request is being decided in a Task; what follows waits in the buffer.
         self.busy = False
         self.paused = False
+        #: Set once the server ended the connection: the transport, draining (see module).
+        self.ending: asyncio.Transport | None = None
+        self._linger: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -80,13 +92,34 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server._connections.discard(self)
-        self.transport = None
+        self.transport = self.ending = None
+        if self._linger is not None:
+            self._linger.cancel()
 
     def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport or self.ending
+        if transport is not None:
+            transport.close()
+
+    def _end(self) -> None:
+        """Ends the connection after the answer just written, with a lingering close."""
+        transport, self.transport = self.transport, None
+        if transport is None:
+            return
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        self.ending = transport
+        self.framer = http_wire.Framer()  # what was buffered is dropped too
+        transport.write_eof()  # after what is still queued
+        if self.paused:
+            self.paused = False
+            transport.resume_reading()
+        self._linger = asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.close)
 
     def data_received(self, data: bytes) -> None:
+        if self.ending is not None:
+            return  # lingering: dropped
         self.framer.feed(data)
         if self.busy:
             if len(self.framer.buffer) > _PAUSE_BYTES and self.transport is not None:
@@ -144,12 +177,10 @@ class _Connection(asyncio.Protocol):
             return
         self.transport.write(http_wire.render(answered, server.realm, head.method == "HEAD"))
         if not head.keep_alive:
-            self.transport.close()
-            self.transport = None
+            self._end()
 
     def _fail(self, status: int) -> None:
         log.info("malformed authorization request", extra={"fields": {"status": status}})
         if self.transport is not None:
             self.transport.write(http_wire.error_response(status))
-            self.transport.close()
-            self.transport = None
+            self._end()

@@ -9,12 +9,14 @@ connection would pair one request with another's answer.
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
+from lastguard.sidecar import http_server
 from tests.support import policies
 from tests.support.clock import FakeClock
 from tests.support.issuer import ThreadedTestIssuer
@@ -144,6 +146,34 @@ def test_a_body_is_skipped_and_head_gets_no_body(served: Served) -> None:
     assert head.status == 401 and int(head.headers["content-length"]) > 0
     client.send(request("GET", "/healthz"))
     assert client.read().status == 200
+
+
+def test_a_client_still_sending_gets_the_answer_and_a_clean_close(served: Served) -> None:
+    """The server answers 431 a little way into a 1 MB head and ends the connection
+    while the client is still sending. Closing at once would reset the connection
+    (the kernel's answer to unread input): the client's send fails and the close is a
+    reset. The lingering close drains instead: the send completes, then the answer
+    and a clean end of stream."""
+    client = served.client()
+    client.send(b"GET / HTTP/1.1\r\nx: " + b"a" * 1_000_000)
+    answer = client.read()
+    assert answer.status == 431 and answer.headers["connection"] == "close"
+    assert client.closed()
+
+
+def test_lingering_ends_when_the_client_never_closes(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(http_server, "LINGER_SECONDS", 0.3)
+    client = served.client()
+    client.send(b"GET / HTTP/1.0\r\n\r\n")
+    assert client.read().status == 400 and client.closed()  # the server's side is shut
+    client.send(b"more")  # still read (and dropped) while the server lingers
+    deadline = time.monotonic() + 5
+    with pytest.raises((BrokenPipeError, ConnectionResetError)):  # closed: input is refused
+        while time.monotonic() < deadline:
+            client.send(b"x")
+            time.sleep(0.05)
 
 
 def test_connection_close_is_honoured(served: Served) -> None:

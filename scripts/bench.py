@@ -38,24 +38,19 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import signal
 import sys
 import time
 from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import yaml
 from benchkit import ROOT, config, machine, plan, processes, runner, summary, tokens, topology
 
 from lastguard.sidecar import devissuer
 from tests.support import envoy as envoy_support
-from tests.support.sidecar import SidecarError, SidecarProcess
-
-
-def _stop_on_sigterm(signum: int, frame: Any) -> NoReturn:
-    raise KeyboardInterrupt
+from tests.support.sidecar import SidecarProcess
 
 
 def parse_args(argv: list[str] | None) -> config.Settings:
@@ -105,7 +100,6 @@ def parse_args(argv: list[str] | None) -> config.Settings:
 
 def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     started = time.monotonic()
 
     def say(text: str) -> None:
@@ -271,14 +265,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; everything started was stopped", file=sys.stderr)
-        sys.exit(130)
-    except config.BenchError as exc:
-        print(f"bench: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except (SidecarError, envoy_support.EnvoyError) as exc:
-        print(f"bench could not start: {exc}", file=sys.stderr)
-        sys.exit(1)
+    processes.run_script(main, "bench")

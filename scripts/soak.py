@@ -51,8 +51,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import signal
-import sys
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -77,7 +75,7 @@ from benchkit import (  # importing it puts the repository on sys.path, for test
 
 from lastguard.sidecar import devissuer
 from tests.support import envoy as envoy_support
-from tests.support.sidecar import SidecarError, SidecarProcess
+from tests.support.sidecar import SidecarProcess
 
 
 def sanity_check(envoy: envoy_support.EnvoyProcess, hot: str, fresh: str) -> list[str]:
@@ -236,7 +234,6 @@ def parse_args(argv: list[str] | None) -> soak_runs.SoakSettings:
 
 def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: stop everything
     started = time.monotonic()
 
     def say(text: str) -> None:
@@ -276,14 +273,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; everything started was stopped", file=sys.stderr)
-        sys.exit(130)
-    except config.BenchError as exc:
-        print(f"soak: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except (SidecarError, envoy_support.EnvoyError) as exc:
-        print(f"soak could not start: {exc}", file=sys.stderr)
-        sys.exit(1)
+    processes.run_script(main, "soak")

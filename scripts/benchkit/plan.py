@@ -122,4 +122,3 @@ def plan(settings: config.Settings) -> tuple[list[RunSpec], dict[str, int]]:
                 used[case.alg] += count
             runs.append(RunSpec(rnd, variant, case_name, mode, start, count))
     return runs, used
-

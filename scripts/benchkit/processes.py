@@ -16,10 +16,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from benchkit import ROOT, config
-from tests.support.sidecar import port_open
+from tests.support import envoy as envoy_support
+from tests.support.sidecar import SidecarError, port_open
 
 NOOP_SERVER = ROOT / "scripts" / "bench_noop.py"
 
@@ -45,9 +48,7 @@ class NoopServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise config.BenchError(
-                    f"no-op server exited: {self.log_path.read_text()[-2000:]}"
-                )
+                raise config.BenchError(f"no-op server exited: {self.log_path.read_text()[-2000:]}")
             for line in self.log_path.read_text().splitlines():
                 if line.startswith("{"):
                     listening = json.loads(line)
@@ -137,3 +138,23 @@ def pid_running(config_path: Path) -> int:
             except OSError:
                 continue
     raise config.BenchError(f"no process runs {config_path}")
+
+
+def run_script(main: Callable[[], int], name: str) -> NoReturn:
+    """Runs a script's `main` and exits with its code; the exit codes bench and soak share.
+
+    SIGTERM stops it as Ctrl-C does (130), so everything it started is stopped; 2 when
+    the measurement is not valid (`BenchError`), 1 when a process would not start.
+    """
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted; everything started was stopped", file=sys.stderr)
+        sys.exit(130)
+    except config.BenchError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except (SidecarError, envoy_support.EnvoyError) as exc:
+        print(f"{name} could not start: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -174,4 +174,3 @@ def print_report(settings: soak_runs.SoakSettings, outcome: Outcome) -> None:
         )
     for problem in outcome.problems:
         print(f"INVALID {problem}", file=sys.stderr)
-

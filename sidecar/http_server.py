@@ -14,9 +14,9 @@ callback that read them (`eager`), without a Task.
 A connection the server ends (a malformed request, `connection: close`) ends
 with a lingering close, as nginx and Apache do: the answer is written, the
 write side shut, and what the client still sends is read and dropped until it
-closes or `LINGER_SECONDS` pass. Closing at once with unread input makes the
-kernel reset the connection, and a reset can destroy the answer before the
-client reads it.
+closes or `LINGER_SECONDS` pass (RFC 9112, section 9.6). Closing at once with
+unread input makes the kernel reset the connection: a client still sending sees
+its send fail, and the reset can erase an answer the client has not read yet.
 """
 
 from __future__ import annotations

@@ -81,6 +81,8 @@ class _Connection(asyncio.Protocol):
         #: A request is being decided in a Task; what follows waits in the buffer.
         self.busy = False
         self.paused = False
+        #: The client half-closed (sent all it will) while a request was being decided.
+        self.client_done = False
         #: Set once the server ended the connection: the transport, draining (see module).
         self.ending: asyncio.Transport | None = None
         self._linger: asyncio.TimerHandle | None = None
@@ -116,6 +118,13 @@ class _Connection(asyncio.Protocol):
             self.paused = False
             transport.resume_reading()
         self._linger = asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.close)
+
+    def eof_received(self) -> bool:
+        """The client sent all it will: answer what is being decided, then close."""
+        if self.busy and self.ending is None:
+            self.client_done = True
+            return True  # keep the transport open for the answers
+        return False  # nothing pending: asyncio closes the transport
 
     def data_received(self, data: bytes) -> None:
         if self.ending is not None:
@@ -160,6 +169,8 @@ class _Connection(asyncio.Protocol):
                 return
             self._send(head, task.result(), started)
             self._process()
+            if self.client_done and not self.busy:
+                self.close()
 
         outcome.add_done_callback(finished)
 

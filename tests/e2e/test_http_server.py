@@ -137,6 +137,20 @@ def test_pipelined_requests_are_answered_in_order_even_when_the_first_waits(
     assert [client.read().status for _ in range(3)] == [200, 401, 200]
 
 
+def test_a_client_that_half_closes_still_gets_a_waiting_answer(served: Served) -> None:
+    """The client sends its requests and shuts its write side while the first waits on a
+    key fetch: every answer still arrives, then the server closes."""
+    kid = served.issuer.rotate()
+    served.clock.advance(3600)
+    served.issuer.server.delay = 0.3
+    token = served.issuer.mint({"sub": "bob"}, kid=kid)
+    client = served.client()
+    client.send(request("GET", "/api", f"authorization: Bearer {token}") + request("GET", "/api"))
+    client.sock.shutdown(socket.SHUT_WR)
+    assert [client.read().status for _ in range(2)] == [200, 401]
+    assert client.closed()
+
+
 def test_a_body_is_skipped_and_head_gets_no_body(served: Served) -> None:
     client = served.client()
     client.send(request("POST", "/api", body=b"x" * 5000))

@@ -36,6 +36,10 @@ class Settings:
     #: Python ext_authz server's rate here (the no-op floor is ~5-6k/s), so a run
     #: never runs out. One that does is reported as invalid.
     miss_rate_ceiling: int = 8_000
+    #: Requests per second a saturated run mostly of cache hits may reach (HTTP mode
+    #: reached 13k here): a mix run sets aside its fresh share of this, unless that
+    #: is more than `miss_rate_ceiling`.
+    hit_rate_ceiling: int = 20_000
     warmup: int = 1
     #: A run during which other processes kept more than OTHER_LOAD_NOTICE cores
     #: busy is run again up to this many times; the quietest attempt counts.

@@ -116,8 +116,13 @@ def plan(settings: config.Settings) -> tuple[list[RunSpec], dict[str, int]]:
             case = CASES[case_name]
             start = count = 0
             if case.fresh_every and case.alg is not None:
-                rate = settings.miss_rate_ceiling if mode == "saturate" else settings.paced_rate * 2
-                count = math.ceil(settings.duration * rate * case.fresh_share) + 1_000
+                if mode == "saturate":
+                    fresh_per_second = min(
+                        settings.hit_rate_ceiling * case.fresh_share, settings.miss_rate_ceiling
+                    )
+                else:
+                    fresh_per_second = settings.paced_rate * 2 * case.fresh_share
+                count = math.ceil(settings.duration * fresh_per_second) + 1_000
                 start = used[case.alg]
                 used[case.alg] += count
             runs.append(RunSpec(rnd, variant, case_name, mode, start, count))

@@ -7,6 +7,7 @@ cheap checks. The benchmarks themselves are run by hand (`make bench`).
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,25 @@ def test_the_plan_covers_every_variant_and_case_once_per_round_and_mode() -> Non
     assert set(needed) == set(tokens.ALGORITHMS)
     assert set(plan.SERVER_OF) == set(plan.PROTOCOL_OF)
     assert set(plan.FLOOR_OF.values()) <= set(plan.VARIANT_CASES)
+
+
+def test_fresh_token_slices_cover_each_runs_highest_rate() -> None:
+    """A mix run in HTTP mode (90% hits) reached 13k requests/s: its slice must cover its
+    fresh share of the hit ceiling, not of the miss ceiling (it once ran out)."""
+    settings = config.Settings(rounds=1, duration=10)
+    runs, _ = plan.plan(settings)
+    slices = {(r.variant, r.case, r.mode): r.slice_count for r in runs if r.slice_count}
+    mix = slices[("lastguard_http", "mix-rs256", "saturate")]
+    assert mix >= 10 * 13_000 * plan.CASES["mix-rs256"].fresh_share
+    miss = slices[("lastguard_http", "miss-rs256", "saturate")]
+    assert miss >= 10 * settings.miss_rate_ceiling
+    for alg in tokens.ALGORITHMS:  # no two runs share a token
+        taken = sorted(
+            (r.slice_start, r.slice_count)
+            for r in runs
+            if r.slice_count and plan.CASES[r.case].alg == alg
+        )
+        assert all(a + n <= b for (a, n), (b, _) in itertools.pairwise(taken))
 
 
 def test_each_lastguard_variant_is_held_to_its_own_protocols_floor() -> None:

@@ -9,6 +9,10 @@ Invariants: the files are read once at start, where a failure raises; after
 that, a pair that fails to read keeps the last good one (logged), never stops
 the server. With `client_ca`, every sidecar must present a certificate that CA
 signed (mutual TLS).
+
+grpc is imported only where credentials are built: `TlsFiles` is also the
+operator's config type (`main.OperatorConfig.tls`), and `main` must load without
+grpc (the distribution server is imported when the operator starts).
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grpc
+if TYPE_CHECKING:
+    import grpc
 
 # The distribution server's own logger: these lines are about its TLS.
 log = logging.getLogger("lastguard.operator.distribution")
@@ -53,6 +58,8 @@ class _CertificateFiles:
         return tuple(f.stat().st_mtime_ns for f in files)
 
     def _configuration(self) -> Any:
+        import grpc
+
         return grpc.ssl_server_certificate_configuration(
             [(self.tls.key.read_bytes(), self.tls.cert.read_bytes())],
             root_certificates=self.tls.client_ca.read_bytes() if self.tls.client_ca else None,
@@ -74,6 +81,8 @@ class _CertificateFiles:
 
 def reloading_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
     """Server credentials that pick up renewed certificate files (see _CertificateFiles)."""
+    import grpc
+
     files = _CertificateFiles(tls)
     return grpc.dynamic_ssl_server_credentials(
         files.initial, files.fetch, require_client_authentication=tls.client_ca is not None

@@ -63,3 +63,12 @@ def test_the_kubernetes_seam_loads_neither_kopf_nor_the_client() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_the_operators_entry_module_loads_without_grpc() -> None:
+    # main imports the distribution server (grpc, generated protos) only when it starts.
+    probe = "import sys\nimport lastguard.operator.main\nprint('grpc' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "False"
